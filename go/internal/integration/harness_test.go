@@ -1,0 +1,255 @@
+// Package integration_test runs the operator's server and plugins' clients
+// against each other over real unix sockets.
+package integration_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/guilhem/operator-plugin-framework/go/client"
+	"github.com/guilhem/operator-plugin-framework/go/registry"
+	"github.com/guilhem/operator-plugin-framework/go/server"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// operator is a running server.
+type operator struct {
+	srv    *server.Server
+	reg    *registry.Registry
+	target string
+	stop   func()
+}
+
+// socketPath returns a short socket path (unix socket paths are limited to
+// about 100 bytes, test temp dirs can be longer).
+func socketPath(t testing.TB) string {
+	dir, err := os.MkdirTemp("", "opf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return filepath.Join(dir, "s.sock")
+}
+
+func startOperatorAt(t testing.TB, path string, opts ...server.Option) *operator {
+	t.Helper()
+	target := "unix://" + path
+	srv, err := server.New(target, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Start(ctx) }()
+	actx, acancel := context.WithTimeout(ctx, 5*time.Second)
+	defer acancel()
+	if _, err := srv.Addr(actx); err != nil {
+		t.Fatal(err)
+	}
+	var once bool
+	stop := func() {
+		if once {
+			return
+		}
+		once = true
+		cancel()
+		select {
+		case err := <-errc:
+			if err != nil {
+				t.Errorf("server.Start: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Errorf("server did not stop")
+		}
+	}
+	t.Cleanup(stop)
+	return &operator{srv: srv, reg: srv.GetRegistry(), target: target, stop: stop}
+}
+
+func startOperator(t testing.TB, opts ...server.Option) *operator {
+	return startOperatorAt(t, socketPath(t), opts...)
+}
+
+// plugin starts a plugin serving impl and waits for its registration.
+func (o *operator) plugin(t testing.TB, name string, impl testgrpc.TestServiceServer, opts ...client.Option) *client.Client {
+	t.Helper()
+	c, err := client.New(context.Background(), name, o.target, "v1.0.0", &testgrpc.TestService_ServiceDesc, impl, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c.Ready(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// call returns a TestService client for the plugin called name.
+func (o *operator) call(t testing.TB, name string) testgrpc.TestServiceClient {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	p, err := o.reg.Wait(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return testgrpc.NewTestServiceClient(p)
+}
+
+func ctxTimeout(t testing.TB, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func wantCode(t testing.TB, err error, code codes.Code) {
+	t.Helper()
+	if got := status.Code(err); got != code {
+		t.Fatalf("got %v (%v), want %v", got, err, code)
+	}
+}
+
+// testService implements grpc.testing.TestService. Payload sizes, statuses
+// and intervals come from the requests, as in gRPC's interop tests; hooks
+// let a test observe or stall the handler.
+type testService struct {
+	testgrpc.UnimplementedTestServiceServer
+	// onEmpty runs in EmptyCall.
+	onEmpty func(ctx context.Context) error
+}
+
+func payload(n int32) *testgrpc.Payload {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(i)
+	}
+	return &testgrpc.Payload{Body: b}
+}
+
+// echoMetadata sends back as headers the request metadata keys starting
+// with "x-echo-", and as trailers those starting with "x-trail-".
+func echoMetadata(ctx context.Context) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	for k, vs := range md {
+		switch {
+		case strings.HasPrefix(k, "x-echo-"):
+			grpc.SetHeader(ctx, metadata.MD{k: vs})
+		case strings.HasPrefix(k, "x-trail-"):
+			grpc.SetTrailer(ctx, metadata.MD{k: vs})
+		}
+	}
+}
+
+func statusErr(s *testgrpc.EchoStatus) error {
+	if s == nil || s.Code == 0 {
+		return nil
+	}
+	st := status.New(codes.Code(s.Code), s.Message)
+	if withDetails, err := st.WithDetails(&errdetails.ErrorInfo{Reason: "TEST", Domain: "example.com", Metadata: map[string]string{"k": "v"}}); err == nil {
+		st = withDetails
+	}
+	return st.Err()
+}
+
+func (s *testService) EmptyCall(ctx context.Context, _ *testgrpc.Empty) (*testgrpc.Empty, error) {
+	if s.onEmpty != nil {
+		if err := s.onEmpty(ctx); err != nil {
+			return nil, err
+		}
+	}
+	return &testgrpc.Empty{}, nil
+}
+
+func (s *testService) UnaryCall(ctx context.Context, in *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
+	echoMetadata(ctx)
+	if err := statusErr(in.ResponseStatus); err != nil {
+		return nil, err
+	}
+	return &testgrpc.SimpleResponse{Payload: payload(in.ResponseSize)}, nil
+}
+
+func (s *testService) StreamingOutputCall(in *testgrpc.StreamingOutputCallRequest, stream testgrpc.TestService_StreamingOutputCallServer) error {
+	echoMetadata(stream.Context())
+	for _, p := range in.ResponseParameters {
+		time.Sleep(time.Duration(p.IntervalUs) * time.Microsecond)
+		if err := stream.Send(&testgrpc.StreamingOutputCallResponse{Payload: payload(p.Size)}); err != nil {
+			return err
+		}
+	}
+	return statusErr(in.ResponseStatus)
+}
+
+func (s *testService) StreamingInputCall(stream testgrpc.TestService_StreamingInputCallServer) error {
+	var total int32
+	for {
+		in, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return stream.SendAndClose(&testgrpc.StreamingInputCallResponse{AggregatedPayloadSize: total})
+		}
+		if err != nil {
+			return err
+		}
+		total += int32(len(in.GetPayload().GetBody()))
+	}
+}
+
+func (s *testService) FullDuplexCall(stream testgrpc.TestService_FullDuplexCallServer) error {
+	echoMetadata(stream.Context())
+	for {
+		in, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := statusErr(in.ResponseStatus); err != nil {
+			return err
+		}
+		for _, p := range in.ResponseParameters {
+			if err := stream.Send(&testgrpc.StreamingOutputCallResponse{Payload: payload(p.Size)}); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func sizes(n ...int32) []*testgrpc.ResponseParameters {
+	out := make([]*testgrpc.ResponseParameters, len(n))
+	for i, s := range n {
+		out[i] = &testgrpc.ResponseParameters{Size: s}
+	}
+	return out
+}
+
+func must[T any](t testing.TB) func(T, error) T {
+	return func(v T, err error) T {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+}
+
+var _ = fmt.Sprintf

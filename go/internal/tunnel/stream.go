@@ -1,0 +1,447 @@
+package tunnel
+
+import (
+	"context"
+	"io"
+	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
+)
+
+// streamState is where a stream is in its life, seen from this side.
+//
+// Caller:  open → halfClosedLocal (sent HalfClose) → closed (received Close).
+// Handler: open → halfClosedRemote (received HalfClose) → closed (sent Close).
+// Either side enters cancelling when the caller cancels (or a protocol
+// violation aborts the stream); the handler still owes a Close, which frees
+// the caller's concurrency slot, so both sides count the same open streams.
+type streamState uint8
+
+const (
+	stateOpen streamState = iota
+	stateHalfClosedLocal
+	stateHalfClosedRemote
+	stateCancelling
+	stateClosed
+)
+
+// chunk is one received StreamMessage.
+type chunk struct {
+	first bool   // begins a message
+	size  uint32 // the message's total size, on a first chunk
+	data  []byte
+}
+
+type stream struct {
+	id     uint64
+	t      *Tunnel
+	method string
+	caller bool // this side opened the stream
+
+	// ctx is the call's context on the caller side and the handler's
+	// context on the handler side (cancelled through cancel).
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+
+	maxRecv int // largest message accepted
+	maxSend int // largest message sent
+
+	// Guarded by t.w.mu: frames waiting for the write loop.
+	out    []*pb.Frame
+	queued bool
+
+	mu         sync.Mutex
+	state      streamState
+	send       sendWindow
+	recv       recvWindow
+	chunks     []chunk
+	pending    uint32 // bytes still due for the message being received
+	asm        []byte // message being assembled by the consumer
+	asmN       int
+	headerSent bool // handler: headers are on their way
+	header     metadata.MD
+	trailer    metadata.MD
+	final      *status.Status // caller: the call's status once known
+
+	headerC    chan struct{} // caller: closed when headers, a message or the end arrives
+	recvNotify chan struct{} // data or state change for the consumer
+	sendNotify chan struct{} // credit or state change for the producer
+	done       chan struct{} // closed when this side may no longer send or receive
+}
+
+func newStream(t *Tunnel, id uint64, method string, caller bool, ctx context.Context) *stream {
+	s := &stream{
+		id:         id,
+		t:          t,
+		method:     method,
+		caller:     caller,
+		ctx:        ctx,
+		maxRecv:    t.local.MaxMessageSize,
+		maxSend:    t.peer.MaxMessageSize,
+		send:       sendWindow{avail: int64(t.peer.InitialWindowSize)},
+		recv:       newRecvWindow(t.local.InitialWindowSize),
+		recvNotify: make(chan struct{}, 1),
+		sendNotify: make(chan struct{}, 1),
+		done:       make(chan struct{}),
+	}
+	if caller {
+		s.headerC = make(chan struct{})
+	}
+	return s
+}
+
+func notify(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+// live reports whether the stream still exchanges data. Caller holds s.mu.
+func (s *stream) live() bool { return s.state < stateCancelling }
+
+// canSend reports whether this side may still send messages. Caller holds s.mu.
+func (s *stream) canSend() bool {
+	return s.state == stateOpen || (!s.caller && s.state == stateHalfClosedRemote)
+}
+
+// endLocked moves to a final state and wakes every waiter. Caller holds s.mu.
+func (s *stream) endLocked(state streamState) {
+	if s.state >= stateCancelling {
+		s.state = max(s.state, state)
+		return
+	}
+	s.state = state
+	if state == stateCancelling {
+		s.chunks, s.asm = nil, nil // nobody will read them
+	}
+	if s.headerC != nil {
+		select {
+		case <-s.headerC:
+		default:
+			close(s.headerC)
+		}
+	}
+	close(s.done)
+	if s.cancel != nil {
+		s.cancel(s.final.Err())
+	}
+}
+
+// sendError is what a producer sees once it may no longer send. Caller holds s.mu.
+func (s *stream) sendErrorLocked() error {
+	if s.caller {
+		// As in grpc-go: SendMsg returns io.EOF and the status comes from RecvMsg.
+		return io.EOF
+	}
+	if s.final != nil {
+		return s.final.Err()
+	}
+	return status.Error(codes.Internal, "send after the handler finished")
+}
+
+// takeCredit waits until the peer has granted credit and takes up to want
+// bytes of it.
+func (s *stream) takeCredit(want int) (int, error) {
+	for {
+		s.mu.Lock()
+		if !s.canSend() {
+			err := s.sendErrorLocked()
+			s.mu.Unlock()
+			return 0, err
+		}
+		n := s.send.take(want)
+		s.mu.Unlock()
+		if n > 0 {
+			return n, nil
+		}
+		select {
+		case <-s.sendNotify:
+		case <-s.done:
+		}
+	}
+}
+
+// writeMessage queues data as one message, chunked and paced by flow
+// control, after the prefix frames. It returns the last chunk (with the
+// prefix if nothing went before) unqueued, so that the caller can queue it
+// together with what must follow it, in one batch.
+func (s *stream) writeMessage(prefix []*pb.Frame, data []byte) ([]*pb.Frame, error) {
+	if len(data) > s.maxSend {
+		return prefix, status.Errorf(codes.ResourceExhausted, "trying to send message larger than max (%d vs. %d)", len(data), s.maxSend)
+	}
+	size := uint32(len(data))
+	frames := prefix
+	for first := true; ; first = false {
+		want := min(len(data), maxChunkSize)
+		n := 0
+		if want > 0 {
+			var err error
+			if n, err = s.takeCredit(want); err != nil {
+				return frames, err
+			}
+		}
+		f := messageFrame(s.id, 0, data[:n])
+		if first {
+			f.GetMessage().Size = size
+		}
+		data = data[n:]
+		frames = append(frames, f)
+		if len(data) == 0 {
+			return frames, nil
+		}
+		s.t.w.enqueue(s, frames...)
+		frames = nil
+	}
+}
+
+// recvMsg returns the next whole message. At the end it returns io.EOF (a
+// clean end) or the stream's status as an error.
+func (s *stream) recvMsg() ([]byte, error) {
+	for {
+		s.mu.Lock()
+		msg, ok, consumed := s.assembleLocked()
+		var inc uint32
+		if consumed > 0 && s.live() {
+			inc = s.recv.onConsumed(consumed)
+		}
+		var err error
+		if !ok {
+			err = s.recvEndLocked()
+		}
+		s.mu.Unlock()
+		if inc > 0 {
+			s.t.w.control(windowUpdateFrame(s.id, inc))
+		}
+		if ok || err != nil {
+			return msg, err
+		}
+		select {
+		case <-s.recvNotify:
+		case <-s.done:
+		}
+	}
+}
+
+// assembleLocked pops received chunks into the message being assembled and
+// returns it once whole, with the number of bytes consumed.
+func (s *stream) assembleLocked() (msg []byte, ok bool, consumed int) {
+	for len(s.chunks) > 0 {
+		c := s.chunks[0]
+		s.chunks[0] = chunk{}
+		s.chunks = s.chunks[1:]
+		consumed += len(c.data)
+		if c.first {
+			if int(c.size) == len(c.data) {
+				return c.data, true, consumed // the common case: no copy
+			}
+			s.asm = make([]byte, c.size)
+			s.asmN = 0
+		}
+		s.asmN += copy(s.asm[s.asmN:], c.data)
+		if s.asmN == len(s.asm) {
+			msg, s.asm = s.asm, nil
+			return msg, true, consumed
+		}
+	}
+	return nil, false, consumed
+}
+
+// recvEndLocked reports why no more messages will come, or nil to keep
+// waiting. Caller holds s.mu and has found no whole message.
+func (s *stream) recvEndLocked() error {
+	switch {
+	case s.caller && s.state == stateClosed:
+		if s.final.Code() != codes.OK {
+			return s.final.Err()
+		}
+		if s.asm != nil || s.pending > 0 {
+			return status.Error(codes.Internal, "stream closed in the middle of a message")
+		}
+		return io.EOF
+	case s.state >= stateCancelling:
+		return s.final.Err()
+	case !s.caller && s.state == stateHalfClosedRemote && s.pending == 0 && s.asm == nil:
+		return io.EOF
+	}
+	return nil
+}
+
+// Frame handlers, called by the read loop. A non-nil result is a protocol
+// violation confined to this stream.
+
+func (s *stream) onHeaders(h *pb.StreamHeaders) *status.Status {
+	md, err := decodeMetadata(h.GetMetadata())
+	if err != nil {
+		return status.New(codes.Internal, "malformed headers: "+err.Error())
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.caller {
+		return status.New(codes.Internal, "headers sent by the caller")
+	}
+	if !s.live() {
+		return nil
+	}
+	select {
+	case <-s.headerC:
+		return status.New(codes.Internal, "headers after headers or messages")
+	default:
+	}
+	s.header = md
+	close(s.headerC)
+	return nil
+}
+
+func (s *stream) onMessage(m *pb.StreamMessage) *status.Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.live() {
+		return nil // the stream ended here first; the peer had not heard yet
+	}
+	if !s.caller && s.state == stateHalfClosedRemote {
+		return status.New(codes.Internal, "message after half-close")
+	}
+	n := len(m.GetData())
+	if !s.recv.onData(n) {
+		return status.New(codes.Internal, "flow-control window exceeded")
+	}
+	c := chunk{data: m.GetData()}
+	if s.pending == 0 {
+		if int64(m.GetSize()) > int64(s.maxRecv) {
+			return status.Newf(codes.ResourceExhausted, "received message larger than max (%d vs. %d)", m.GetSize(), s.maxRecv)
+		}
+		if n > int(m.GetSize()) {
+			return status.New(codes.Internal, "message chunk longer than its declared size")
+		}
+		c.first, c.size = true, m.GetSize()
+		s.pending = m.GetSize() - uint32(n)
+	} else {
+		if n == 0 {
+			return status.New(codes.Internal, "empty continuation chunk")
+		}
+		if n > int(s.pending) {
+			return status.New(codes.Internal, "message chunk longer than its declared size")
+		}
+		s.pending -= uint32(n)
+	}
+	if s.caller {
+		select {
+		case <-s.headerC:
+		default:
+			close(s.headerC) // a response without headers
+		}
+	}
+	s.chunks = append(s.chunks, c)
+	notify(s.recvNotify)
+	return nil
+}
+
+func (s *stream) onHalfClose() *status.Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.caller {
+		return status.New(codes.Internal, "half-close sent by the handler")
+	}
+	switch s.state {
+	case stateOpen:
+		if s.pending > 0 {
+			return status.New(codes.Internal, "half-close in the middle of a message")
+		}
+		s.state = stateHalfClosedRemote
+		notify(s.recvNotify)
+		return nil
+	case stateHalfClosedRemote:
+		return status.New(codes.Internal, "second half-close")
+	}
+	return nil
+}
+
+func (s *stream) onWindowUpdate(u *pb.WindowUpdate) *status.Status {
+	if u.GetIncrement() == 0 {
+		return status.New(codes.Internal, "window update of zero")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.send.grant(u.GetIncrement()) {
+		return status.New(codes.Internal, "window update overflows the window")
+	}
+	notify(s.sendNotify)
+	return nil
+}
+
+// onCancel: the caller aborted the call (handler side).
+func (s *stream) onCancel(c *pb.StreamCancel) *status.Status {
+	if s.caller {
+		return status.New(codes.Internal, "cancel sent by the handler")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.final == nil {
+		s.final = statusFromProto(c.GetStatus(), codes.Canceled)
+	}
+	s.endLocked(stateCancelling)
+	return nil
+}
+
+// onClose: the handler finished (caller side).
+func (s *stream) onClose(c *pb.StreamClose) *status.Status {
+	if !s.caller {
+		return status.New(codes.Internal, "close sent by the caller")
+	}
+	md, err := decodeMetadata(c.GetTrailers())
+	s.mu.Lock()
+	if s.live() {
+		if err != nil {
+			s.final = status.New(codes.Internal, "malformed trailers: "+err.Error())
+		} else {
+			s.final = statusFromProto(c.GetStatus(), codes.OK)
+			s.trailer = md
+		}
+		s.endLocked(stateClosed)
+	} else {
+		s.state = stateClosed
+	}
+	s.mu.Unlock()
+	s.t.removeStream(s)
+	return nil
+}
+
+// abort ends the stream from this side with st: a caller cancels, a handler
+// closes. Used for local cancellation and for the peer's violations.
+func (s *stream) abort(st *status.Status) {
+	s.mu.Lock()
+	if !s.live() {
+		s.mu.Unlock()
+		return
+	}
+	s.final = st
+	if s.caller {
+		s.endLocked(stateCancelling)
+	} else {
+		s.endLocked(stateClosed) // the Close below is the one the handler owed
+	}
+	s.mu.Unlock()
+	s.t.w.discard(s)
+	if s.caller {
+		s.t.w.control(cancelFrame(s.id, st))
+	} else {
+		s.t.removeStream(s) // before the Close: the caller may reuse the slot once it has it
+		s.t.w.control(closeFrame(s.id, st, nil))
+	}
+}
+
+// tunnelClosed ends the stream because the tunnel is gone.
+func (s *stream) tunnelClosed(st *status.Status) {
+	s.mu.Lock()
+	if s.final == nil || s.live() {
+		s.final = st
+	}
+	s.chunks, s.asm = nil, nil
+	s.endLocked(stateClosed)
+	s.mu.Unlock()
+}

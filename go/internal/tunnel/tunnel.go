@@ -1,0 +1,631 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-logr/logr"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
+)
+
+// Side says which end of the Connect stream a tunnel is.
+type Side uint8
+
+const (
+	// OperatorSide accepted the Connect stream. It opens odd stream ids.
+	OperatorSide Side = iota
+	// PluginSide dialled the operator and registers. It opens even ids
+	// (unused in protocol version 1).
+	PluginSide
+)
+
+// phase is where the tunnel is in its handshake.
+type phase uint8
+
+const (
+	phaseHello    phase = iota // waiting for the peer's Hello
+	phaseRegister              // waiting for Register (operator) or its answer (plugin)
+	phaseReady                 // registered: calls flow
+)
+
+// Config describes one tunnel.
+type Config struct {
+	Side Side
+	// Settings are this side's limits (defaults applied by New).
+	Settings Settings
+	// Register is sent by the plugin side right after its Hello.
+	Register *pb.Register
+	// Handler serves the streams the peer opens; nil refuses them with
+	// UNIMPLEMENTED.
+	Handler *Dispatcher
+	// Peer is what handler contexts report as their peer (peer.FromContext).
+	Peer *peer.Peer
+	// OnGoAway is called from the read loop when the peer sends GoAway. It
+	// must not block.
+	OnGoAway func(reason *status.Status)
+	Logger   logr.Logger
+}
+
+// Tunnel is one end of a tunnel: it multiplexes calls over a Transport. The
+// operator's side opens streams through it (it is a
+// grpc.ClientConnInterface); the plugin's side serves them with its
+// Dispatcher.
+type Tunnel struct {
+	cfg   Config
+	local Settings
+	tr    Transport
+	w     *writer
+	log   logr.Logger
+
+	// ctx is the parent of handler contexts; cancelled when the tunnel closes.
+	ctx       context.Context
+	cancelCtx context.CancelFunc
+
+	done      chan struct{}
+	closeOnce sync.Once
+	err       *status.Status // why the tunnel closed; set before done is closed
+	failure   *status.Status // set by fail before a flushing close
+	lastRecv  atomic.Int64   // unix nanoseconds of the last received batch
+	wg        sync.WaitGroup
+
+	helloC    chan struct{} // closed when the peer's Hello arrives
+	registerC chan struct{} // closed when Register (operator) or its answer (plugin) arrives
+
+	mu           sync.Mutex
+	phase        phase
+	peer         Settings
+	version      uint32
+	registration *pb.Register    // operator side: what the plugin sent
+	ack          *pb.RegisterAck // plugin side: the operator's answer
+	streams      map[uint64]*stream
+	nextID       uint64 // next id this side opens
+	lastPeerID   uint64 // highest id the peer opened
+	handling     int    // streams the peer opened that are still open
+	goingAway    bool   // this side sent GoAway
+	peerGoAway   bool   // the peer sent GoAway
+	slots        chan struct{}
+	idle         chan struct{} // closed and replaced whenever streams becomes empty
+}
+
+// New starts a tunnel over tr: it sends this side's Hello (and, on the plugin
+// side, its Register) and runs the read and write loops until the tunnel
+// closes.
+func New(tr Transport, cfg Config) *Tunnel {
+	ctx, cancel := context.WithCancel(context.Background())
+	if cfg.Peer != nil {
+		ctx = peer.NewContext(ctx, cfg.Peer)
+	}
+	t := &Tunnel{
+		cfg:       cfg,
+		local:     cfg.Settings.WithDefaults(),
+		tr:        tr,
+		log:       cfg.Logger,
+		ctx:       ctx,
+		cancelCtx: cancel,
+		done:      make(chan struct{}),
+		helloC:    make(chan struct{}),
+		registerC: make(chan struct{}),
+		streams:   make(map[uint64]*stream),
+		idle:      make(chan struct{}),
+	}
+	if cfg.Side == OperatorSide {
+		t.nextID = 1
+	} else {
+		t.nextID = 2
+	}
+	t.lastRecv.Store(time.Now().UnixNano())
+	t.w = newWriter(t, tr)
+	t.w.control(helloFrame(t.local))
+	if cfg.Side == PluginSide {
+		t.w.control(&pb.Frame{Kind: &pb.Frame_Register{Register: cfg.Register}})
+	}
+	t.wg.Add(1)
+	go func() {
+		defer t.wg.Done()
+		t.w.run()
+	}()
+	go t.readLoop() // not in wg: on the operator side Recv returns only after the handler does
+	return t
+}
+
+// Done is closed when the tunnel has closed.
+func (t *Tunnel) Done() <-chan struct{} { return t.done }
+
+// Err is why the tunnel closed: nil after a clean drain, else a status error.
+func (t *Tunnel) Err() error {
+	select {
+	case <-t.done:
+	default:
+		return nil
+	}
+	if t.err.Code() == codes.OK {
+		return nil
+	}
+	return t.err.Err()
+}
+
+// Wait closes nothing; it waits until the tunnel has closed and its write
+// loop has stopped, at most writerStopTimeout after the close (a write can
+// stay blocked on a peer that does not read until the transport ends).
+func (t *Tunnel) Wait() {
+	<-t.done
+	stopped := make(chan struct{})
+	go func() {
+		t.wg.Wait()
+		close(stopped)
+	}()
+	timer := time.NewTimer(writerStopTimeout)
+	defer timer.Stop()
+	select {
+	case <-stopped:
+	case <-timer.C:
+	}
+}
+
+// Version is the negotiated protocol version, 0 before the Hello exchange.
+func (t *Tunnel) Version() uint32 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.version
+}
+
+// Close ends the tunnel at once; calls in flight fail with UNAVAILABLE.
+func (t *Tunnel) Close(st *status.Status) { t.close(st) }
+
+func (t *Tunnel) close(st *status.Status) {
+	t.closeOnce.Do(func() {
+		t.mu.Lock()
+		t.err = st
+		streams := make([]*stream, 0, len(t.streams))
+		for _, s := range t.streams {
+			streams = append(streams, s)
+		}
+		t.streams = map[uint64]*stream{}
+		t.mu.Unlock()
+		callErr := status.New(codes.Unavailable, "plugin tunnel closed")
+		if st.Code() != codes.OK {
+			callErr = status.New(codes.Unavailable, "plugin tunnel closed: "+st.Message())
+		}
+		for _, s := range streams {
+			s.tunnelClosed(callErr)
+		}
+		close(t.done)
+		t.cancelCtx()
+		if st.Code() != codes.OK {
+			t.log.V(1).Info("tunnel closed", "code", st.Code(), "reason", st.Message())
+		}
+	})
+}
+
+// fail reports a tunnel-level error to the peer with GoAway and closes.
+func (t *Tunnel) fail(st *status.Status) {
+	t.mu.Lock()
+	first := t.failure == nil
+	if first {
+		t.failure = st
+	}
+	t.mu.Unlock()
+	if !first {
+		return
+	}
+	t.log.Info("tunnel protocol error", "code", st.Code(), "reason", st.Message())
+	t.w.control(goAwayFrame(st))
+	t.w.flush()
+	time.AfterFunc(writerStopTimeout, func() { t.close(st) })
+}
+
+// closeFlushed is called by the write loop once a flush has sent everything.
+func (t *Tunnel) closeFlushed() {
+	t.mu.Lock()
+	st := t.failure
+	t.mu.Unlock()
+	if st == nil {
+		st = status.New(codes.OK, "drained")
+	}
+	if t.cfg.Side == PluginSide {
+		// The operator answers our CloseSend by ending the stream; the read
+		// loop closes the tunnel then. Do not wait for it forever.
+		time.AfterFunc(writerStopTimeout, func() { t.close(st) })
+		return
+	}
+	t.close(st)
+}
+
+// GoAway tells the peer that this side takes and makes no new calls on this
+// tunnel. Calls in flight go on.
+func (t *Tunnel) GoAway(reason *status.Status) {
+	t.mu.Lock()
+	sent := t.goingAway
+	t.goingAway = true
+	t.mu.Unlock()
+	if !sent {
+		t.w.control(goAwayFrame(reason))
+	}
+}
+
+// Drain sends GoAway, waits until no call is in flight or ctx ends, then
+// closes the tunnel after flushing what is queued. It returns when the
+// tunnel is closed.
+func (t *Tunnel) Drain(ctx context.Context, reason *status.Status) {
+	t.GoAway(reason)
+	for {
+		t.mu.Lock()
+		n, idle := len(t.streams), t.idle
+		t.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		select {
+		case <-idle:
+			continue
+		case <-t.done:
+			return
+		case <-ctx.Done():
+			t.close(status.New(codes.Unavailable, "drain timeout: "+reason.Message()))
+			return
+		}
+	}
+	t.w.flush()
+	select {
+	case <-t.done:
+	case <-ctx.Done():
+		t.close(status.New(codes.Unavailable, "drain timeout: "+reason.Message()))
+	}
+}
+
+// InFlight is the number of open streams.
+func (t *Tunnel) InFlight() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.streams)
+}
+
+// Accepting reports whether new calls may be opened on this tunnel: it is
+// registered, neither side has sent GoAway, and it is not closed.
+func (t *Tunnel) Accepting() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.phase == phaseReady && !t.goingAway && !t.peerGoAway && t.err == nil
+}
+
+// removeStream forgets a finished stream and frees its concurrency slot.
+func (t *Tunnel) removeStream(s *stream) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.streams[s.id] != s {
+		return
+	}
+	delete(t.streams, s.id)
+	if !s.caller {
+		t.handling--
+	} else if t.slots != nil {
+		<-t.slots
+	}
+	if len(t.streams) == 0 {
+		close(t.idle)
+		t.idle = make(chan struct{})
+	}
+}
+
+func (t *Tunnel) readLoop() {
+	for {
+		frames, err := t.tr.Recv()
+		if err != nil {
+			t.close(transportStatus(err))
+			return
+		}
+		t.lastRecv.Store(time.Now().UnixNano())
+		for _, f := range frames {
+			if st := t.handleFrame(f); st != nil {
+				t.fail(st)
+				// Keep reading: the peer may still answer, and the
+				// transport ends when the tunnel closes.
+			}
+		}
+	}
+}
+
+// transportStatus describes the end of the transport: a clean end or a
+// cancelled stream is UNAVAILABLE like any lost connection.
+func transportStatus(err error) *status.Status {
+	if errors.Is(err, io.EOF) {
+		return status.New(codes.Unavailable, "peer closed the tunnel")
+	}
+	if st, ok := status.FromError(err); ok {
+		if st.Code() == codes.OK {
+			return status.New(codes.Unavailable, "peer closed the tunnel")
+		}
+		return st
+	}
+	return status.New(codes.Unavailable, err.Error())
+}
+
+// handleFrame acts on one frame. A non-nil result is a violation of the
+// tunnel itself; stream-level violations are answered on their stream.
+func (t *Tunnel) handleFrame(f *pb.Frame) *status.Status {
+	if f.GetStreamId() == 0 {
+		return t.handleTunnelFrame(f)
+	}
+	switch k := f.GetKind().(type) {
+	case *pb.Frame_Open:
+		return t.handleOpen(f.GetStreamId(), k.Open)
+	case *pb.Frame_Headers, *pb.Frame_Message, *pb.Frame_HalfClose, *pb.Frame_Cancel, *pb.Frame_Close, *pb.Frame_WindowUpdate:
+	case nil:
+		return nil // a frame kind from a later version: ignored
+	default:
+		return status.Newf(codes.Internal, "tunnel frame %T on stream %d", k, f.GetStreamId())
+	}
+	t.mu.Lock()
+	s := t.streams[f.GetStreamId()]
+	t.mu.Unlock()
+	if s == nil {
+		t.orphan(f)
+		return nil
+	}
+	var st *status.Status
+	switch k := f.GetKind().(type) {
+	case *pb.Frame_Headers:
+		st = s.onHeaders(k.Headers)
+	case *pb.Frame_Message:
+		st = s.onMessage(k.Message)
+	case *pb.Frame_HalfClose:
+		st = s.onHalfClose()
+	case *pb.Frame_Cancel:
+		st = s.onCancel(k.Cancel)
+	case *pb.Frame_Close:
+		st = s.onClose(k.Close)
+	case *pb.Frame_WindowUpdate:
+		st = s.onWindowUpdate(k.WindowUpdate)
+	}
+	if st != nil {
+		t.log.V(1).Info("stream protocol error", "stream", s.id, "method", s.method, "reason", st.Message())
+		s.abort(st)
+	}
+	return nil
+}
+
+// ownID reports whether this side opens streams with id's parity.
+func (t *Tunnel) ownID(id uint64) bool {
+	return (id%2 == 1) == (t.cfg.Side == OperatorSide)
+}
+
+// orphan answers a frame for a stream that is not open. Frames for streams
+// that ended are expected (the peer had not heard yet) and ignored; frames
+// for ids never opened are answered with an abort on that id. An abort is
+// never answered with another.
+func (t *Tunnel) orphan(f *pb.Frame) {
+	id := f.GetStreamId()
+	t.mu.Lock()
+	var known bool
+	if t.ownID(id) {
+		known = id < t.nextID
+	} else {
+		known = id <= t.lastPeerID
+	}
+	t.mu.Unlock()
+	switch f.GetKind().(type) {
+	case *pb.Frame_Cancel, *pb.Frame_Close:
+		return
+	}
+	if known {
+		return
+	}
+	st := status.Newf(codes.Internal, "frame for unknown stream %d", id)
+	if t.ownID(id) {
+		t.w.control(cancelFrame(id, st))
+	} else {
+		t.w.control(closeFrame(id, st, nil))
+	}
+}
+
+func (t *Tunnel) handleTunnelFrame(f *pb.Frame) *status.Status {
+	switch k := f.GetKind().(type) {
+	case *pb.Frame_Hello:
+		return t.onHello(k.Hello)
+	case *pb.Frame_Register:
+		return t.onRegister(k.Register)
+	case *pb.Frame_RegisterAck:
+		return t.onRegisterAnswer(k.RegisterAck, nil)
+	case *pb.Frame_RegisterReject:
+		return t.onRegisterAnswer(nil, statusFromProto(k.RegisterReject.GetStatus(), codes.PermissionDenied))
+	case *pb.Frame_Ping:
+		t.w.queuePong(k.Ping.GetNonce())
+	case *pb.Frame_Pong:
+		// Any frame proves the peer alive; lastRecv is already updated.
+	case *pb.Frame_GoAway:
+		reason := statusFromProto(k.GoAway.GetReason(), codes.Unavailable)
+		t.mu.Lock()
+		t.peerGoAway = true
+		t.mu.Unlock()
+		if c := reason.Code(); c != codes.OK && c != codes.Unavailable {
+			t.log.Info("peer reported a tunnel error", "code", c, "reason", reason.Message())
+		}
+		if t.cfg.OnGoAway != nil {
+			t.cfg.OnGoAway(reason)
+		}
+	case nil:
+		// A frame kind from a later version: ignored.
+	default:
+		return status.Newf(codes.Internal, "stream frame %T on stream 0", k)
+	}
+	return nil
+}
+
+func (t *Tunnel) onHello(h *pb.Hello) *status.Status {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.phase != phaseHello {
+		return status.New(codes.Internal, "second hello")
+	}
+	v, ok := negotiateVersion(h)
+	if !ok {
+		return status.Newf(codes.FailedPrecondition, "no common protocol version: peer speaks %d-%d, this side %d-%d",
+			h.GetMinVersion(), h.GetMaxVersion(), MinVersion, MaxVersion)
+	}
+	ps, err := settingsFromProto(h.GetSettings())
+	if err != nil {
+		return status.New(codes.InvalidArgument, "bad settings: "+err.Error())
+	}
+	t.version, t.peer, t.phase = v, ps, phaseRegister
+	t.slots = make(chan struct{}, ps.MaxConcurrentStreams)
+	t.w.setMaxBatch(ps.MaxBatchSize)
+	close(t.helloC)
+	t.wg.Add(1)
+	go t.heartbeat(heartbeatInterval(t.local, ps))
+	return nil
+}
+
+func (t *Tunnel) onRegister(r *pb.Register) *status.Status {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	switch {
+	case t.cfg.Side != OperatorSide:
+		return status.New(codes.Internal, "register sent to a plugin")
+	case t.phase != phaseRegister || t.registration != nil:
+		return status.New(codes.Internal, "register out of order")
+	}
+	t.registration = r
+	close(t.registerC)
+	return nil
+}
+
+func (t *Tunnel) onRegisterAnswer(ack *pb.RegisterAck, reject *status.Status) *status.Status {
+	t.mu.Lock()
+	switch {
+	case t.cfg.Side != PluginSide:
+		t.mu.Unlock()
+		return status.New(codes.Internal, "registration answer sent to the operator")
+	case t.phase != phaseRegister:
+		t.mu.Unlock()
+		return status.New(codes.Internal, "registration answer out of order")
+	}
+	if reject != nil {
+		t.mu.Unlock()
+		t.close(reject)
+		return nil
+	}
+	t.ack, t.phase = ack, phaseReady
+	close(t.registerC)
+	t.mu.Unlock()
+	return nil
+}
+
+// Registration waits for the plugin's Register (operator side). On timeout
+// or failure the tunnel is closed and the error returned.
+func (t *Tunnel) Registration(ctx context.Context) (*pb.Register, error) {
+	select {
+	case <-t.registerC:
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		return t.registration, nil
+	case <-t.done:
+		return nil, t.closedErr()
+	case <-ctx.Done():
+		t.fail(status.New(codes.DeadlineExceeded, "no registration before the handshake timeout"))
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+}
+
+// Accept answers the registration (operator side): from now on calls flow.
+func (t *Tunnel) Accept(instanceID string) {
+	t.mu.Lock()
+	t.phase = phaseReady
+	t.mu.Unlock()
+	t.w.control(&pb.Frame{Kind: &pb.Frame_RegisterAck{RegisterAck: &pb.RegisterAck{InstanceId: instanceID}}})
+}
+
+// Reject refuses the registration (operator side) and closes the tunnel
+// once the answer is sent.
+func (t *Tunnel) Reject(st *status.Status) {
+	t.mu.Lock()
+	t.failure = st
+	t.mu.Unlock()
+	t.w.control(&pb.Frame{Kind: &pb.Frame_RegisterReject{RegisterReject: &pb.RegisterReject{Status: st.Proto()}}})
+	t.w.flush()
+	time.AfterFunc(writerStopTimeout, func() { t.close(st) })
+}
+
+// Registered waits for the operator's answer (plugin side): the ack, or the
+// rejection's status as an error.
+func (t *Tunnel) Registered(ctx context.Context) (*pb.RegisterAck, error) {
+	select {
+	case <-t.registerC:
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		return t.ack, nil
+	case <-t.done:
+		return nil, t.closedErr()
+	case <-ctx.Done():
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+}
+
+// closedErr is the error of a closed tunnel, never nil.
+func (t *Tunnel) closedErr() error {
+	if err := t.Err(); err != nil {
+		return err
+	}
+	return status.Error(codes.Unavailable, "plugin tunnel closed")
+}
+
+func (t *Tunnel) handleOpen(id uint64, o *pb.StreamOpen) *status.Status {
+	if t.ownID(id) {
+		return status.Newf(codes.Internal, "peer opened stream %d with this side's parity", id)
+	}
+	t.mu.Lock()
+	if id <= t.lastPeerID {
+		live := t.streams[id]
+		t.mu.Unlock()
+		st := status.Newf(codes.Internal, "stream id %d reused", id)
+		if live != nil {
+			live.abort(st)
+		} else {
+			t.w.control(closeFrame(id, st, nil))
+		}
+		return nil
+	}
+	t.lastPeerID = id
+	var refuse *status.Status
+	switch {
+	case t.phase != phaseReady:
+		refuse = status.New(codes.FailedPrecondition, "call before registration")
+	case t.cfg.Handler == nil:
+		refuse = status.New(codes.Unimplemented, "this side of the tunnel serves no calls")
+	case t.goingAway:
+		refuse = status.New(codes.Unavailable, "tunnel is draining")
+	case t.handling >= t.local.MaxConcurrentStreams:
+		refuse = status.Newf(codes.ResourceExhausted, "more than %d concurrent streams", t.local.MaxConcurrentStreams)
+	case !validMethod(o.GetMethod()):
+		refuse = status.Newf(codes.Internal, "malformed method name %q", o.GetMethod())
+	}
+	md, err := decodeMetadata(o.GetMetadata())
+	if refuse == nil && err != nil {
+		refuse = status.New(codes.Internal, "malformed metadata: "+err.Error())
+	}
+	var timeout time.Duration
+	if d := o.GetTimeout(); refuse == nil && d != nil {
+		if d.CheckValid() != nil || d.AsDuration() <= 0 {
+			refuse = status.New(codes.Internal, "malformed timeout")
+		}
+		timeout = d.AsDuration()
+	}
+	if refuse != nil {
+		t.mu.Unlock()
+		t.w.control(closeFrame(id, refuse, nil))
+		return nil
+	}
+	s := newStream(t, id, o.GetMethod(), false, nil)
+	t.streams[id] = s
+	t.handling++
+	t.mu.Unlock()
+	t.cfg.Handler.start(s, md, timeout)
+	return nil
+}

@@ -1,0 +1,189 @@
+package tunnel
+
+import (
+	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
+)
+
+// maxControlFrames bounds the queue of tunnel and control frames. Well-behaved
+// traffic stays far below it (a few frames per stream); a peer that makes us
+// answer garbage while it does not read trips it and loses the tunnel.
+const maxControlFrames = 16 << 10
+
+// writer is the one goroutine that calls Transport.Send. Other goroutines
+// enqueue frames and never block on the transport. Control frames go first;
+// then streams take turns, one frame each, so a large message on one stream
+// does not hold back the others. Frames queued together leave in one batch.
+type writer struct {
+	t  *Tunnel
+	tr Transport
+
+	mu       sync.Mutex
+	maxBatch int         // the peer's max_batch_size
+	ctrl     []*pb.Frame // tunnel frames, window updates, cancels
+	pong     *pb.Frame   // at most one pending pong: a ping flood cannot grow the queue
+	ready    []*stream   // streams with queued frames, in turn order
+	flushing bool        // finish what is queued, then close the tunnel
+	wake     chan struct{}
+	stopped  chan struct{}
+}
+
+func newWriter(t *Tunnel, tr Transport) *writer {
+	return &writer{
+		t:        t,
+		tr:       tr,
+		maxBatch: MinMaxBatchSize,
+		wake:     make(chan struct{}, 1),
+		stopped:  make(chan struct{}),
+	}
+}
+
+func (w *writer) signal() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (w *writer) setMaxBatch(n int) {
+	w.mu.Lock()
+	w.maxBatch = n
+	w.mu.Unlock()
+}
+
+// control queues a frame ahead of stream data.
+func (w *writer) control(f *pb.Frame) {
+	w.push(f)
+	w.signal()
+}
+
+// push queues a control frame without waking the write loop, for a caller
+// about to queue more. It never takes t.mu, so callers may hold it.
+func (w *writer) push(f *pb.Frame) {
+	w.mu.Lock()
+	overflow := len(w.ctrl) >= maxControlFrames
+	if !overflow {
+		w.ctrl = append(w.ctrl, f)
+	}
+	w.mu.Unlock()
+	if overflow {
+		go w.t.fail(status.New(codes.ResourceExhausted, "tunnel control queue full: the peer is not reading"))
+	}
+}
+
+func (w *writer) queuePong(nonce uint64) {
+	w.mu.Lock()
+	w.pong = pongFrame(nonce)
+	w.mu.Unlock()
+	w.signal()
+}
+
+// enqueue appends frames to a stream's ordered queue. Data frames must carry
+// credit already taken from the stream's send window, which bounds the queue.
+func (w *writer) enqueue(s *stream, frames ...*pb.Frame) {
+	w.mu.Lock()
+	s.out = append(s.out, frames...)
+	if !s.queued {
+		s.queued = true
+		w.ready = append(w.ready, s)
+	}
+	w.mu.Unlock()
+	w.signal()
+}
+
+// discard drops what a stream still has queued; used when it is cancelled.
+func (w *writer) discard(s *stream) {
+	w.mu.Lock()
+	s.out = nil
+	w.mu.Unlock()
+}
+
+// flush asks the writer to send everything queued and then close the tunnel
+// with err.
+func (w *writer) flush() {
+	w.mu.Lock()
+	w.flushing = true
+	w.mu.Unlock()
+	w.signal()
+}
+
+func (w *writer) run() {
+	defer close(w.stopped)
+	var batch []*pb.Frame
+	for {
+		select {
+		case <-w.wake:
+		case <-w.t.done:
+			return
+		}
+		for {
+			var flushed bool
+			batch, flushed = w.collect(batch[:0])
+			if len(batch) == 0 {
+				if flushed {
+					_ = w.tr.CloseSend()
+					w.t.closeFlushed()
+					return
+				}
+				break
+			}
+			if err := w.tr.Send(batch); err != nil {
+				w.t.close(transportStatus(err))
+				return
+			}
+			clear(batch) // drop references to sent data
+		}
+	}
+}
+
+// collect fills batch up to the peer's batch limit and reports whether the
+// queues are empty while a flush was asked for.
+func (w *writer) collect(batch []*pb.Frame) ([]*pb.Frame, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	size := 0
+	n := 0
+	for ; n < len(w.ctrl) && size < w.maxBatch; n++ {
+		batch = append(batch, w.ctrl[n])
+		size += frameSize(w.ctrl[n])
+	}
+	w.ctrl = w.ctrl[n:]
+	if len(w.ctrl) == 0 {
+		w.ctrl = nil // let the backing array go
+	}
+	if w.pong != nil {
+		batch = append(batch, w.pong)
+		size += frameSize(w.pong)
+		w.pong = nil
+	}
+	for len(w.ready) > 0 {
+		s := w.ready[0]
+		if len(s.out) == 0 { // discarded
+			w.ready = w.ready[1:]
+			s.queued = false
+			continue
+		}
+		f := s.out[0]
+		fs := frameSize(f)
+		if len(batch) > 0 && size+fs > w.maxBatch {
+			break
+		}
+		batch = append(batch, f)
+		size += fs
+		s.out[0] = nil
+		s.out = s.out[1:]
+		w.ready = w.ready[1:]
+		if len(s.out) > 0 {
+			w.ready = append(w.ready, s)
+		} else {
+			s.out = nil
+			s.queued = false
+		}
+	}
+	empty := len(w.ctrl) == 0 && len(w.ready) == 0
+	return batch, empty && w.flushing
+}

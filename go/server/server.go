@@ -1,0 +1,350 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-logr/logr"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
+
+	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
+	"github.com/guilhem/operator-plugin-framework/go/internal/tunnel"
+	"github.com/guilhem/operator-plugin-framework/go/registry"
+)
+
+// Identity is who opened a tunnel.
+type Identity struct {
+	// User is the authenticated user name, for a ServiceAccount
+	// "system:serviceaccount:NAMESPACE:NAME". Empty when unauthenticated.
+	User   string
+	Groups []string
+	// Peer is the transport's view of the caller: address and TLS state.
+	Peer *peer.Peer
+}
+
+// Registration is what a plugin asks to be registered as.
+type Registration struct {
+	Name     string
+	Version  string
+	Services []string
+	Labels   map[string]string
+}
+
+// Server accepts plugin tunnels and records them in its registry. It is a
+// controller-runtime Runnable: add it to a manager with mgr.Add.
+type Server struct {
+	pb.UnimplementedPluginFrameworkServiceServer
+
+	addr string
+	cfg  config
+	reg  *registry.Registry
+	log  atomic.Pointer[logr.Logger]
+
+	nextID   atomic.Uint64
+	mu       sync.Mutex
+	tunnels  map[*tunnel.Tunnel]struct{}
+	draining bool
+	bound    chan struct{} // closed once listening
+	lisAddr  net.Addr
+}
+
+var (
+	_ manager.Runnable               = (*Server)(nil)
+	_ manager.LeaderElectionRunnable = (*Server)(nil)
+)
+
+// New returns a server that will listen on addr when started: "unix:///path"
+// (a stale socket file is removed), "tcp://host:port" or "host:port".
+func New(addr string, opts ...Option) (*Server, error) {
+	cfg := config{
+		drainTimeout:     defaultDrainTimeout,
+		handshakeTimeout: defaultHandshakeTimeout,
+		policy:           func(context.Context, Identity, Registration) error { return nil },
+		authenticate:     anonymous,
+	}
+	cfg.settings.HeartbeatInterval = tunnel.DefaultHeartbeatInterval
+	for _, o := range opts {
+		o.apply(&cfg)
+	}
+	if err := cfg.settings.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.listener == nil {
+		if _, _, err := parseAddr(addr); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.registry == nil {
+		cfg.registry = registry.New()
+	}
+	s := &Server{addr: addr, cfg: cfg, reg: cfg.registry, tunnels: map[*tunnel.Tunnel]struct{}{}, bound: make(chan struct{})}
+	discard := logr.Discard()
+	s.log.Store(&discard)
+	return s, nil
+}
+
+func anonymous(ctx context.Context) (Identity, error) {
+	p, _ := peer.FromContext(ctx)
+	return Identity{Peer: p}, nil
+}
+
+// GetRegistry returns the registry the server records plugins in.
+func (s *Server) GetRegistry() *registry.Registry { return s.reg }
+
+// NeedLeaderElection is false: every replica of an operator serves plugins,
+// so plugin connections that land on a standby still work.
+func (s *Server) NeedLeaderElection() bool { return false }
+
+// Addr returns the address the server listens on, waiting until it does or
+// ctx ends.
+func (s *Server) Addr(ctx context.Context) (net.Addr, error) {
+	select {
+	case <-s.bound:
+		return s.lisAddr, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// Start serves until ctx ends, then drains: every plugin is told to go away,
+// calls in flight get the drain timeout to finish, and the tunnels close.
+// It returns nil after a clean shutdown.
+func (s *Server) Start(ctx context.Context) error {
+	lg := log.FromContext(ctx).WithValues("component", "plugin-server", "address", s.addr)
+	s.log.Store(&lg)
+	lis := s.cfg.listener
+	if lis == nil {
+		var err error
+		if lis, err = listen(s.addr); err != nil {
+			return err
+		}
+	}
+	s.lisAddr = lis.Addr()
+	close(s.bound)
+
+	local := s.cfg.settings.WithDefaults()
+	opts := append([]grpc.ServerOption{
+		grpc.MaxRecvMsgSize(local.MaxBatchSize),
+		grpc.MaxSendMsgSize(1<<31 - 1), // batches are sized to the plugin's limit
+	}, s.cfg.grpcOptions...)
+	gs := grpc.NewServer(opts...)
+	pb.RegisterPluginFrameworkServiceServer(gs, s)
+
+	served := make(chan error, 1)
+	go func() { served <- gs.Serve(lis) }()
+	lg.Info("serving plugins")
+	select {
+	case err := <-served:
+		return fmt.Errorf("plugin server: %w", err)
+	case <-ctx.Done():
+	}
+
+	lg.Info("draining plugin tunnels", "timeout", s.cfg.drainTimeout)
+	s.drain()
+	stopped := make(chan struct{})
+	go func() {
+		gs.GracefulStop() // every tunnel handler has returned or is returning
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(time.Second):
+		gs.Stop()
+		<-stopped
+	}
+	<-served
+	lg.Info("plugin server stopped")
+	return nil
+}
+
+// drain sends GoAway on every tunnel, waits up to the drain timeout for
+// their calls, and closes them.
+func (s *Server) drain() {
+	s.mu.Lock()
+	s.draining = true
+	tunnels := make([]*tunnel.Tunnel, 0, len(s.tunnels))
+	for t := range s.tunnels {
+		tunnels = append(tunnels, t)
+	}
+	s.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.drainTimeout)
+	defer cancel()
+	reason := status.New(codes.Unavailable, "operator shutting down")
+	var wg sync.WaitGroup
+	for _, t := range tunnels {
+		wg.Go(func() { t.Drain(ctx, reason) })
+	}
+	wg.Wait()
+}
+
+// Connect serves one tunnel: handshake, registration, then calls until the
+// tunnel closes.
+func (s *Server) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.ConnectResponse]) error {
+	ctx := stream.Context()
+	lg := *s.log.Load()
+	id, err := s.cfg.authenticate(ctx)
+	if err != nil {
+		if _, ok := status.FromError(err); !ok {
+			err = status.Error(codes.Unauthenticated, err.Error())
+		}
+		lg.V(1).Info("tunnel refused", "reason", err)
+		return err
+	}
+	p, _ := peer.FromContext(ctx)
+	t := tunnel.New(tunnel.ServerTransport(stream), tunnel.Config{
+		Side:     tunnel.OperatorSide,
+		Settings: s.cfg.settings,
+		Peer:     p,
+		Logger:   lg,
+	})
+	if !s.track(t) {
+		t.Close(status.New(codes.Unavailable, "operator shutting down"))
+		t.Wait()
+		return status.Error(codes.Unavailable, "operator shutting down")
+	}
+	defer s.untrack(t)
+
+	hctx, cancel := context.WithTimeout(ctx, s.cfg.handshakeTimeout)
+	r, err := t.Registration(hctx)
+	cancel()
+	if err != nil {
+		t.Wait()
+		return err
+	}
+	reg := Registration{Name: r.GetName(), Version: r.GetVersion(), Services: r.GetServices(), Labels: r.GetLabels()}
+	lg = lg.WithValues("plugin", reg.Name, "version", reg.Version, "user", id.User)
+	err = validate(reg)
+	if err == nil {
+		err = s.cfg.policy(ctx, id, reg)
+	}
+	if err != nil {
+		st := refusal(err)
+		lg.Info("registration refused", "code", st.Code(), "reason", st.Message())
+		t.Reject(st)
+		t.Wait()
+		return st.Err()
+	}
+	inst := registry.Instance{
+		ID:          fmt.Sprintf("%s-%d", reg.Name, s.nextID.Add(1)),
+		Name:        reg.Name,
+		Version:     reg.Version,
+		Services:    reg.Services,
+		Labels:      reg.Labels,
+		Identity:    id.User,
+		ConnectedAt: time.Now(),
+	}
+	t.Accept(inst.ID)
+	remove := s.reg.Add(inst, t)
+	lg.Info("plugin registered", "instance", inst.ID, "services", inst.Services)
+	<-t.Done()
+	remove()
+	t.Wait()
+	err = t.Err()
+	lg.Info("plugin unregistered", "instance", inst.ID, "reason", err)
+	return err
+}
+
+func (s *Server) track(t *tunnel.Tunnel) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining {
+		return false
+	}
+	s.tunnels[t] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(t *tunnel.Tunnel) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.tunnels, t)
+}
+
+// validate checks what every registration needs, whatever the policy.
+func validate(r Registration) error {
+	if r.Name == "" {
+		return status.Error(codes.InvalidArgument, "plugin name is empty")
+	}
+	if len(r.Name) > 253 {
+		return status.Error(codes.InvalidArgument, "plugin name is longer than 253 characters")
+	}
+	for _, svc := range r.Services {
+		if svc == "" || strings.ContainsAny(svc, "/ ") {
+			return status.Errorf(codes.InvalidArgument, "invalid service name %q", svc)
+		}
+	}
+	return nil
+}
+
+// refusal is the status a policy error stands for.
+func refusal(err error) *status.Status {
+	if st, ok := status.FromError(err); ok {
+		return st
+	}
+	return status.New(codes.PermissionDenied, err.Error())
+}
+
+// parseAddr splits addr into a network and an address for net.Listen.
+func parseAddr(addr string) (network, address string, err error) {
+	switch {
+	case strings.HasPrefix(addr, "unix://"):
+		network, address = "unix", strings.TrimPrefix(addr, "unix://")
+	case strings.HasPrefix(addr, "unix:"):
+		network, address = "unix", strings.TrimPrefix(addr, "unix:")
+	case strings.HasPrefix(addr, "tcp://"):
+		network, address = "tcp", strings.TrimPrefix(addr, "tcp://")
+	case strings.Contains(addr, "://"):
+		return "", "", fmt.Errorf("unsupported address %q: want unix:///path, tcp://host:port or host:port", addr)
+	default:
+		network, address = "tcp", addr
+	}
+	if address == "" {
+		return "", "", fmt.Errorf("empty address in %q", addr)
+	}
+	return network, address, nil
+}
+
+func listen(addr string) (net.Listener, error) {
+	network, address, err := parseAddr(addr)
+	if err != nil {
+		return nil, err
+	}
+	if network == "unix" {
+		if err := removeStaleSocket(address); err != nil {
+			return nil, err
+		}
+	}
+	return net.Listen(network, address)
+}
+
+// removeStaleSocket removes a socket file left by a previous process, and
+// refuses to touch one that a live server answers on or a non-socket file.
+func removeStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%s exists and is not a socket", path)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("%s: address already in use", path)
+	}
+	return os.Remove(path)
+}
