@@ -3,3 +3,5 @@
 module github.com/guilhem/operator-plugin-framework
 
 go 1.26
+
+require github.com/magefile/mage v1.17.2

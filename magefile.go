@@ -1,0 +1,172 @@
+//go:build mage
+
+// Build targets. Run them with `go run mage.go <target>`; `go run mage.go -l`
+// lists them.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/magefile/mage/mg"
+	"github.com/magefile/mage/sh"
+)
+
+// binDir holds the pinned build tools (git-ignored).
+const binDir = ".bin"
+
+// goTool describes a pinned tool built from one of the tool modules.
+type goTool struct {
+	name    string
+	modfile string
+	pkg     string
+}
+
+var goTools = []goTool{
+	{"buf", "tools/buf/go.mod", "github.com/bufbuild/buf/cmd/buf"},
+	{"protoc-gen-go", "tools/go.mod", "google.golang.org/protobuf/cmd/protoc-gen-go"},
+	{"protoc-gen-go-grpc", "tools/go.mod", "google.golang.org/grpc/cmd/protoc-gen-go-grpc"},
+	{"staticcheck", "tools/go.mod", "honnef.co/go/tools/cmd/staticcheck"},
+}
+
+// Tools builds the pinned build tools into .bin/ (go build's cache makes a
+// second run cheap).
+func Tools() error {
+	for _, t := range goTools {
+		if err := goBuild(t.modfile, filepath.Join(binDir, t.name), t.pkg); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// goBuild builds pkg from the module described by modfile, outside the
+// workspace so that tool dependencies never mix with the framework's.
+func goBuild(modfile, out, pkg string) error {
+	env := map[string]string{"GOWORK": "off"}
+	return sh.RunWithV(env, "go", "build", "-modfile="+modfile, "-o", out, pkg)
+}
+
+func tool(name string) string { return filepath.Join(binDir, name) }
+
+// Generate regenerates the code generated from proto/.
+func Generate() error {
+	mg.Deps(Tools)
+	return sh.RunV(tool("buf"), "generate")
+}
+
+// Lint checks formatting, vet, staticcheck, buf lint, and that generated
+// code matches proto/.
+func Lint() error {
+	mg.Deps(Tools)
+	out, err := sh.Output("gofmt", "-l", "go", "examples", "conformance", "magefile.go")
+	if err != nil {
+		return err
+	}
+	if out != "" {
+		return fmt.Errorf("gofmt would change:\n%s", out)
+	}
+	for _, dir := range goModules() {
+		if err := runIn(dir, nil, "go", "vet", "./..."); err != nil {
+			return err
+		}
+		if err := runIn(dir, nil, absTool("staticcheck"), "./..."); err != nil {
+			return err
+		}
+	}
+	if err := sh.RunV(tool("buf"), "lint"); err != nil {
+		return err
+	}
+	return checkGenerated()
+}
+
+// checkGenerated regenerates into a scratch copy and fails when the
+// committed generated code differs.
+func checkGenerated() error {
+	if err := sh.RunV(tool("buf"), "generate"); err != nil {
+		return err
+	}
+	out, err := sh.Output("git", "status", "--porcelain", "--", "go/gen", "examples")
+	if err != nil {
+		return err
+	}
+	if out != "" {
+		return fmt.Errorf("generated code is stale; commit the output of `go run mage.go generate`:\n%s", out)
+	}
+	return nil
+}
+
+// goModules lists the workspace's Go modules that hold code to check.
+func goModules() []string {
+	var dirs []string
+	for _, d := range []string{"go", "examples", "conformance"} {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			dirs = append(dirs, d)
+		}
+	}
+	return dirs
+}
+
+// Test runs lint and every test suite: the Go tests with the race detector
+// and goroutine-leak checks.
+func Test(ctx context.Context) error {
+	mg.SerialCtxDeps(ctx, Lint)
+	for _, dir := range goModules() {
+		if err := runIn(dir, nil, "go", "test", "-race", "-count=1", "-timeout=10m", "./..."); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Bench compares calls through the tunnel with direct gRPC calls on this
+// machine, in the same run, and prints the ratios.
+func Bench() error {
+	out := filepath.Join(os.TempDir(), "opf-bench.txt")
+	f, err := os.Create(out)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	cmd := exec.Command("go", "test", "-run=^$", "-bench=.", "-benchtime=2s", "-count=6", "./internal/bench/")
+	cmd.Dir = "go"
+	cmd.Stdout = f
+	cmd.Stderr = os.Stderr
+	fmt.Println("running benchmarks (about 2 minutes)...")
+	if err := cmd.Run(); err != nil {
+		return err
+	}
+	report := exec.Command("go", "run", "./internal/bench/report", out)
+	report.Dir = "go"
+	report.Stdout = os.Stdout
+	report.Stderr = os.Stderr
+	return report.Run()
+}
+
+// Demo runs an operator and Go plugins on a local socket and has the
+// operator call every kind of RPC.
+func Demo() error {
+	return runIn("examples", nil, "go", "run", "./demo")
+}
+
+func absTool(name string) string {
+	p, _ := filepath.Abs(tool(name))
+	return p
+}
+
+// runIn runs a command in dir with its output shown.
+func runIn(dir string, env map[string]string, cmd string, args ...string) error {
+	fmt.Printf("[%s] %s %s\n", dir, cmd, strings.Join(args, " "))
+	c := exec.Command(cmd, args...)
+	c.Dir = dir
+	c.Stdout, c.Stderr = os.Stdout, os.Stderr
+	c.Env = os.Environ()
+	for k, v := range env {
+		c.Env = append(c.Env, k+"="+v)
+	}
+	return c.Run()
+}
