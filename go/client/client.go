@@ -231,7 +231,7 @@ func (c *Client) session() (registered bool, err error) {
 	sctx, cancel := context.WithCancelCause(context.Background())
 	handshake := time.AfterFunc(c.cfg.handshakeTimeout, func() { cancel(errHandshakeTimeout) })
 	defer handshake.Stop()
-	stream, err := pb.NewPluginFrameworkServiceClient(c.cc).Connect(sctx)
+	stream, err := pb.NewPluginFrameworkServiceClient(c.cc).Connect(sctx, grpc.ForceCodecV2(tunnel.WireCodec))
 	if err != nil {
 		cancel(nil)
 		return false, err

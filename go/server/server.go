@@ -136,6 +136,7 @@ func (s *Server) Start(ctx context.Context) error {
 
 	local := s.cfg.settings.WithDefaults()
 	opts := append([]grpc.ServerOption{
+		grpc.ForceServerCodecV2(tunnel.WireCodec),
 		grpc.MaxRecvMsgSize(local.MaxBatchSize),
 		grpc.MaxSendMsgSize(1<<31 - 1), // batches are sized to the plugin's limit
 	}, s.cfg.grpcOptions...)

@@ -156,20 +156,26 @@ func (t *Tunnel) Invoke(ctx context.Context, method string, args, reply any, opt
 	if err != nil {
 		return err
 	}
-	data, err := ci.codec.marshal(args)
+	data, buf, err := ci.codec.marshal(args)
 	if err != nil {
 		return err
 	}
 	if len(data) > ci.maxSend {
+		if buf != nil {
+			buf.Free()
+		}
 		return status.Errorf(codes.ResourceExhausted, "trying to send message larger than max (%d vs. %d)", len(data), ci.maxSend)
 	}
 	s, err := t.open(ctx, method, ci)
 	if err != nil {
+		if buf != nil {
+			buf.Free()
+		}
 		return err
 	}
 	cs := newClientStream(s, unaryDesc, ci)
 	// Open, request and half-close leave together, in one batch.
-	last, err := s.writeMessage(nil, data)
+	last, err := s.writeMessage(nil, data, buf)
 	if err != nil && !errors.Is(err, io.EOF) {
 		cs.finish(err)
 		return err
@@ -180,7 +186,7 @@ func (t *Tunnel) Invoke(ctx context.Context, method string, args, reply any, opt
 			s.state = stateHalfClosedLocal
 		}
 		s.mu.Unlock()
-		s.t.w.enqueue(s, append(last, halfCloseFrame(s.id))...)
+		s.t.w.enqueueOut(s, append(last, outFrame{f: halfCloseFrame(s.id)}))
 	}
 	return cs.RecvMsg(reply)
 }
@@ -255,28 +261,19 @@ func (cs *clientStream) CloseSend() error {
 }
 
 func (cs *clientStream) SendMsg(m any) error {
-	data, err := cs.ci.codec.marshal(m)
-	if err != nil {
-		cs.finish(err)
-		return err
-	}
-	last, err := cs.s.writeMessage(nil, data)
+	last, err := cs.s.sendMsg(cs.ci.codec, m, nil)
 	if err != nil {
 		if !errors.Is(err, io.EOF) {
 			cs.finish(err)
 		}
 		return err
 	}
-	cs.s.t.w.enqueue(cs.s, last...)
+	cs.s.t.w.enqueueOut(cs.s, last)
 	return nil
 }
 
 func (cs *clientStream) RecvMsg(m any) error {
-	data, err := cs.s.recvMsg()
-	if err == nil {
-		err = cs.ci.codec.unmarshal(data, m)
-	}
-	if err != nil {
+	if err := cs.s.recvInto(cs.ci.codec, m); err != nil {
 		cs.finish(err)
 		return err
 	}
@@ -284,7 +281,10 @@ func (cs *clientStream) RecvMsg(m any) error {
 		return nil
 	}
 	// Not server-streaming: exactly one message, then the status.
-	_, err = cs.s.recvMsg()
+	_, buf, err := cs.s.recvMsg()
+	if buf != nil {
+		buf.Free()
+	}
 	switch {
 	case err == nil:
 		err = status.Error(codes.Internal, "cardinality violation: expected <EOF> for non server-streaming RPCs, but received another message")

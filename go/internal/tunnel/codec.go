@@ -17,26 +17,26 @@ type codec struct {
 
 func defaultCodec() codec { return codec{v2: encoding.GetCodecV2(proto.Name)} }
 
-func (c codec) marshal(v any) ([]byte, error) {
+// marshal returns the encoded message and, when it lives in a pooled
+// buffer, that buffer: its reference passes to the caller.
+func (c codec) marshal(v any) ([]byte, mem.Buffer, error) {
 	if c.v1 != nil {
 		b, err := c.v1.Marshal(v)
 		if err != nil {
-			return nil, status.Errorf(codes.Internal, "grpc: error while marshaling: %v", err)
+			return nil, nil, status.Errorf(codes.Internal, "grpc: error while marshaling: %v", err)
 		}
-		return b, nil
+		return b, nil, nil
 	}
 	bs, err := c.v2.Marshal(v)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "grpc: error while marshaling: %v", err)
+		return nil, nil, status.Errorf(codes.Internal, "grpc: error while marshaling: %v", err)
 	}
 	if len(bs) == 1 {
-		// Not freed: the write loop may still hold the bytes; the garbage
-		// collector reclaims them.
-		return bs[0].ReadOnlyData(), nil
+		return bs[0].ReadOnlyData(), bs[0], nil
 	}
 	b := bs.Materialize()
 	bs.Free()
-	return b, nil
+	return b, nil, nil
 }
 
 func (c codec) unmarshal(data []byte, v any) error {

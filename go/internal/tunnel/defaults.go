@@ -12,7 +12,7 @@ const (
 // same values.
 const (
 	DefaultMaxMessageSize       = 4 << 20
-	DefaultInitialWindowSize    = 1 << 20
+	DefaultInitialWindowSize    = 4 << 20
 	DefaultMaxConcurrentStreams = 100
 	DefaultHeartbeatInterval    = 10 * time.Second
 	DefaultMaxBatchSize         = 4 << 20
@@ -27,7 +27,7 @@ const (
 	// maxChunkSize is the most message data put in one StreamMessage. Large
 	// enough that a 1 MiB message costs few frames, small enough that one
 	// stream's message does not hold the write loop for long.
-	maxChunkSize = 256 << 10
+	maxChunkSize = 2 << 20
 
 	// frameOverhead is a generous estimate of the encoded size of a frame
 	// besides its data, used to keep batches under the peer's limit.

@@ -141,24 +141,17 @@ func (d *Dispatcher) serve(ctx context.Context, ss *serverStream) (err error) {
 
 func (d *Dispatcher) serveUnary(ctx context.Context, ss *serverStream, svc *service, md *grpc.MethodDesc) error {
 	dec := func(v any) error {
-		data, err := ss.s.recvMsg()
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				return status.Error(codes.Internal, "unary call without a request message")
-			}
-			return err
+		err := ss.s.recvInto(defaultCodec(), v)
+		if errors.Is(err, io.EOF) {
+			return status.Error(codes.Internal, "unary call without a request message")
 		}
-		return defaultCodec().unmarshal(data, v)
+		return err
 	}
 	resp, err := md.Handler(svc.impl, ctx, dec, d.unary)
 	if err != nil {
 		return err
 	}
-	data, err := defaultCodec().marshal(resp)
-	if err != nil {
-		return err
-	}
-	return ss.reply(data)
+	return ss.reply(resp)
 }
 
 func chainUnary(ints []grpc.UnaryServerInterceptor) grpc.UnaryServerInterceptor {

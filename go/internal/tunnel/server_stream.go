@@ -83,36 +83,28 @@ func (ss *serverStream) takeHeadersLocked() []*pb.Frame {
 }
 
 func (ss *serverStream) SendMsg(m any) error {
-	data, err := defaultCodec().marshal(m)
-	if err != nil {
-		return err
-	}
 	ss.s.mu.Lock()
 	prefix := ss.takeHeadersLocked()
 	ss.s.mu.Unlock()
-	last, err := ss.s.writeMessage(prefix, data)
-	if len(last) > 0 && err == nil {
-		ss.s.t.w.enqueue(ss.s, last...)
+	last, err := ss.s.sendMsg(defaultCodec(), m, prefix)
+	if err == nil {
+		ss.s.t.w.enqueueOut(ss.s, last)
 	}
 	return err
 }
 
 func (ss *serverStream) RecvMsg(m any) error {
-	data, err := ss.s.recvMsg()
-	if err != nil {
-		return err
-	}
-	return defaultCodec().unmarshal(data, m)
+	return ss.s.recvInto(defaultCodec(), m)
 }
 
 // reply sends a unary response with the headers before it and the status
 // after it, in one batch when credit allows.
-func (ss *serverStream) reply(data []byte) error {
+func (ss *serverStream) reply(resp any) error {
 	s := ss.s
 	s.mu.Lock()
 	prefix := ss.takeHeadersLocked()
 	s.mu.Unlock()
-	last, err := s.writeMessage(prefix, data)
+	last, err := s.sendMsg(defaultCodec(), resp, prefix)
 	if err != nil {
 		return err
 	}
@@ -129,22 +121,25 @@ func (ss *serverStream) finish(err error) {
 
 // close queues frames, then the headers if still unsent, then the Close,
 // unless the stream is already closed.
-func (ss *serverStream) close(frames []*pb.Frame, st *status.Status) {
+func (ss *serverStream) close(frames []outFrame, st *status.Status) {
 	s := ss.s
 	s.mu.Lock()
 	if s.state == stateClosed {
 		s.mu.Unlock()
+		freeOut(frames)
 		return
 	}
-	frames = append(ss.takeHeadersLocked(), frames...)
-	frames = append(frames, closeFrame(s.id, st, s.trailer))
+	for _, h := range ss.takeHeadersLocked() {
+		frames = append([]outFrame{{f: h}}, frames...)
+	}
+	frames = append(frames, outFrame{f: closeFrame(s.id, st, s.trailer)})
 	if s.final == nil {
 		s.final = st
 	}
 	s.endLocked(stateClosed)
 	s.mu.Unlock()
 	s.t.removeStream(s) // before the Close: the caller may reuse the slot once it has it
-	s.t.w.enqueue(s, frames...)
+	s.t.w.enqueueOut(s, frames)
 }
 
 // handlerStatus is the status a handler's error stands for.

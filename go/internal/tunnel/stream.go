@@ -6,6 +6,7 @@ import (
 	"sync"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -34,6 +35,16 @@ type chunk struct {
 	first bool   // begins a message
 	size  uint32 // the message's total size, on a first chunk
 	data  []byte
+	buf   mem.Buffer // backs data when set; freed once data is consumed
+}
+
+// freeChunks releases the buffers of chunks nobody will read.
+func freeChunks(cs []chunk) {
+	for _, c := range cs {
+		if c.buf != nil {
+			c.buf.Free()
+		}
+	}
 }
 
 type stream struct {
@@ -51,7 +62,7 @@ type stream struct {
 	maxSend int // largest message sent
 
 	// Guarded by t.w.mu: frames waiting for the write loop.
-	out    []*pb.Frame
+	out    []outFrame
 	queued bool
 
 	mu         sync.Mutex
@@ -117,7 +128,8 @@ func (s *stream) endLocked(state streamState) {
 	}
 	s.state = state
 	if state == stateCancelling {
-		s.chunks, s.asm = nil, nil // nobody will read them
+		freeChunks(s.chunks) // nobody will read them
+		s.chunks, s.asm = nil, nil
 	}
 	if s.headerC != nil {
 		select {
@@ -167,17 +179,25 @@ func (s *stream) takeCredit(want int) (int, error) {
 }
 
 // writeMessage queues data as one message, chunked and paced by flow
-// control, after the prefix frames. It returns the last chunk (with the
-// prefix if nothing went before) unqueued, so that the caller can queue it
-// together with what must follow it, in one batch.
-func (s *stream) writeMessage(prefix []*pb.Frame, data []byte) ([]*pb.Frame, error) {
+// control, after the prefix frames. root, when set, is the pooled buffer
+// holding data: each chunk takes a view of it, and writeMessage releases
+// the caller's reference. It returns the last chunk (with the prefix if
+// nothing went before) unqueued, so that the caller can queue it together
+// with what must follow it, in one batch.
+func (s *stream) writeMessage(prefix []*pb.Frame, data []byte, root mem.Buffer) ([]outFrame, error) {
+	if root != nil {
+		defer root.Free()
+	}
+	frames := make([]outFrame, len(prefix), len(prefix)+2)
+	for i, f := range prefix {
+		frames[i].f = f
+	}
 	if len(data) > s.maxSend {
-		return prefix, status.Errorf(codes.ResourceExhausted, "trying to send message larger than max (%d vs. %d)", len(data), s.maxSend)
+		return frames, status.Errorf(codes.ResourceExhausted, "trying to send message larger than max (%d vs. %d)", len(data), s.maxSend)
 	}
 	size := uint32(len(data))
-	frames := prefix
-	for first := true; ; first = false {
-		want := min(len(data), maxChunkSize)
+	for off := 0; ; {
+		want := min(len(data)-off, maxChunkSize)
 		n := 0
 		if want > 0 {
 			var err error
@@ -185,26 +205,52 @@ func (s *stream) writeMessage(prefix []*pb.Frame, data []byte) ([]*pb.Frame, err
 				return frames, err
 			}
 		}
-		f := messageFrame(s.id, 0, data[:n])
-		if first {
-			f.GetMessage().Size = size
+		f := outFrame{f: messageFrame(s.id, 0, data[off:off+n])}
+		if off == 0 {
+			f.f.GetMessage().Size = size
 		}
-		data = data[n:]
+		if root != nil && n >= referenceThreshold {
+			f.buf = root.Slice(off, off+n)
+		}
+		off += n
 		frames = append(frames, f)
-		if len(data) == 0 {
+		if off == len(data) {
 			return frames, nil
 		}
-		s.t.w.enqueue(s, frames...)
+		s.t.w.enqueueOut(s, frames)
 		frames = nil
 	}
 }
 
-// recvMsg returns the next whole message. At the end it returns io.EOF (a
+// sendMsg encodes m and writes it as with writeMessage.
+func (s *stream) sendMsg(c codec, m any, prefix []*pb.Frame) ([]outFrame, error) {
+	data, buf, err := c.marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	return s.writeMessage(prefix, data, buf)
+}
+
+// recvInto receives the next message into m.
+func (s *stream) recvInto(c codec, m any) error {
+	data, buf, err := s.recvMsg()
+	if err != nil {
+		return err
+	}
+	err = c.unmarshal(data, m)
+	if buf != nil {
+		buf.Free()
+	}
+	return err
+}
+
+// recvMsg returns the next whole message and, when set, the buffer behind
+// it, to free once the message is decoded. At the end it returns io.EOF (a
 // clean end) or the stream's status as an error.
-func (s *stream) recvMsg() ([]byte, error) {
+func (s *stream) recvMsg() ([]byte, mem.Buffer, error) {
 	for {
 		s.mu.Lock()
-		msg, ok, consumed := s.assembleLocked()
+		msg, buf, ok, consumed := s.assembleLocked()
 		var inc uint32
 		if consumed > 0 && s.live() {
 			inc = s.recv.onConsumed(consumed)
@@ -218,7 +264,7 @@ func (s *stream) recvMsg() ([]byte, error) {
 			s.t.w.control(windowUpdateFrame(s.id, inc))
 		}
 		if ok || err != nil {
-			return msg, err
+			return msg, buf, err
 		}
 		select {
 		case <-s.recvNotify:
@@ -229,7 +275,7 @@ func (s *stream) recvMsg() ([]byte, error) {
 
 // assembleLocked pops received chunks into the message being assembled and
 // returns it once whole, with the number of bytes consumed.
-func (s *stream) assembleLocked() (msg []byte, ok bool, consumed int) {
+func (s *stream) assembleLocked() (msg []byte, buf mem.Buffer, ok bool, consumed int) {
 	for len(s.chunks) > 0 {
 		c := s.chunks[0]
 		s.chunks[0] = chunk{}
@@ -237,18 +283,21 @@ func (s *stream) assembleLocked() (msg []byte, ok bool, consumed int) {
 		consumed += len(c.data)
 		if c.first {
 			if int(c.size) == len(c.data) {
-				return c.data, true, consumed // the common case: no copy
+				return c.data, c.buf, true, consumed // the common case: no copy
 			}
 			s.asm = make([]byte, c.size)
 			s.asmN = 0
 		}
 		s.asmN += copy(s.asm[s.asmN:], c.data)
+		if c.buf != nil {
+			c.buf.Free()
+		}
 		if s.asmN == len(s.asm) {
 			msg, s.asm = s.asm, nil
-			return msg, true, consumed
+			return msg, nil, true, consumed
 		}
 	}
-	return nil, false, consumed
+	return nil, nil, false, consumed
 }
 
 // recvEndLocked reports why no more messages will come, or nil to keep
@@ -297,9 +346,16 @@ func (s *stream) onHeaders(h *pb.StreamHeaders) *status.Status {
 	return nil
 }
 
-func (s *stream) onMessage(m *pb.StreamMessage) *status.Status {
+// onMessage takes over buf, the buffer behind m's data, if set.
+func (s *stream) onMessage(m *pb.StreamMessage, buf mem.Buffer) *status.Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	kept := false
+	defer func() {
+		if !kept && buf != nil {
+			buf.Free()
+		}
+	}()
 	if !s.live() {
 		return nil // the stream ended here first; the peer had not heard yet
 	}
@@ -310,7 +366,7 @@ func (s *stream) onMessage(m *pb.StreamMessage) *status.Status {
 	if !s.recv.onData(n) {
 		return status.New(codes.Internal, "flow-control window exceeded")
 	}
-	c := chunk{data: m.GetData()}
+	c := chunk{data: m.GetData(), buf: buf}
 	if s.pending == 0 {
 		if int64(m.GetSize()) > int64(s.maxRecv) {
 			return status.Newf(codes.ResourceExhausted, "received message larger than max (%d vs. %d)", m.GetSize(), s.maxRecv)
@@ -337,6 +393,7 @@ func (s *stream) onMessage(m *pb.StreamMessage) *status.Status {
 		}
 	}
 	s.chunks = append(s.chunks, c)
+	kept = true
 	notify(s.recvNotify)
 	return nil
 }
@@ -441,6 +498,7 @@ func (s *stream) tunnelClosed(st *status.Status) {
 	if s.final == nil || s.live() {
 		s.final = st
 	}
+	freeChunks(s.chunks)
 	s.chunks, s.asm = nil, nil
 	s.endLocked(stateClosed)
 	s.mu.Unlock()

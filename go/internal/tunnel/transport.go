@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/mem"
 
 	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
 )
@@ -10,50 +11,70 @@ import (
 // only ever called by the tunnel's write loop and Recv only by its read
 // loop, as grpc-go requires.
 type Transport interface {
-	Send(frames []*pb.Frame) error
-	Recv() ([]*pb.Frame, error)
+	// Send sends a batch. The transport takes over the buffers' references.
+	Send(batch []outFrame) error
+	// Recv returns the next batch; a message frame's data may be backed by
+	// a pooled buffer, which the receiver frees once done with the data.
+	Recv() ([]inFrame, error)
 	// CloseSend ends the sending direction after the last batch. A no-op on
 	// the operator's side, where returning from the handler ends the stream.
 	CloseSend() error
 }
 
-// ServerTransport adapts the operator's end of a Connect stream.
+// outFrame is a frame to send. A message frame's data may be a view of a
+// pooled buffer (buf), handed to gRPC by reference and freed by it once
+// written.
+type outFrame struct {
+	f   *pb.Frame
+	buf mem.Buffer
+}
+
+// inFrame is a received frame; buf, when set, backs a message frame's data.
+type inFrame struct {
+	f   *pb.Frame
+	buf mem.Buffer
+}
+
+// outBatch and inBatch are what the transports hand to SendMsg and RecvMsg;
+// WireCodec encodes and decodes them as ConnectRequest/ConnectResponse.
+type outBatch struct{ frames []outFrame }
+
+type inBatch struct{ frames []inFrame }
+
+// ServerTransport adapts the operator's end of a Connect stream. The stream
+// must use WireCodec.
 func ServerTransport(s grpc.BidiStreamingServer[pb.ConnectRequest, pb.ConnectResponse]) Transport {
-	return &serverTransport{s: s}
+	return &grpcTransport{s: s}
 }
 
-type serverTransport struct {
-	s grpc.BidiStreamingServer[pb.ConnectRequest, pb.ConnectResponse]
-}
-
-func (t *serverTransport) Send(frames []*pb.Frame) error {
-	// A new envelope each time: stats handlers may read a sent message lazily.
-	return t.s.Send(&pb.ConnectResponse{Frames: frames})
-}
-
-func (t *serverTransport) Recv() ([]*pb.Frame, error) {
-	m, err := t.s.Recv()
-	return m.GetFrames(), err
-}
-
-func (t *serverTransport) CloseSend() error { return nil }
-
-// ClientTransport adapts the plugin's end of a Connect stream.
+// ClientTransport adapts the plugin's end of a Connect stream. The stream
+// must use WireCodec.
 func ClientTransport(s grpc.BidiStreamingClient[pb.ConnectRequest, pb.ConnectResponse]) Transport {
-	return &clientTransport{s: s}
+	return &grpcTransport{s: s, closeSend: s.CloseSend}
 }
 
-type clientTransport struct {
-	s grpc.BidiStreamingClient[pb.ConnectRequest, pb.ConnectResponse]
+type grpcTransport struct {
+	s interface {
+		SendMsg(any) error
+		RecvMsg(any) error
+	}
+	closeSend func() error
 }
 
-func (t *clientTransport) Send(frames []*pb.Frame) error {
-	return t.s.Send(&pb.ConnectRequest{Frames: frames})
+func (t *grpcTransport) Send(batch []outFrame) error {
+	// A new envelope each time: stats handlers may read a sent message lazily.
+	return t.s.SendMsg(&outBatch{frames: batch})
 }
 
-func (t *clientTransport) Recv() ([]*pb.Frame, error) {
-	m, err := t.s.Recv()
-	return m.GetFrames(), err
+func (t *grpcTransport) Recv() ([]inFrame, error) {
+	var b inBatch
+	err := t.s.RecvMsg(&b)
+	return b.frames, err
 }
 
-func (t *clientTransport) CloseSend() error { return t.s.CloseSend() }
+func (t *grpcTransport) CloseSend() error {
+	if t.closeSend == nil {
+		return nil
+	}
+	return t.closeSend()
+}

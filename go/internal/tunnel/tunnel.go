@@ -10,6 +10,7 @@ import (
 
 	"github.com/go-logr/logr"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
@@ -323,8 +324,8 @@ func (t *Tunnel) readLoop() {
 			return
 		}
 		t.lastRecv.Store(time.Now().UnixNano())
-		for _, f := range frames {
-			if st := t.handleFrame(f); st != nil {
+		for _, in := range frames {
+			if st := t.handleFrame(in.f, in.buf); st != nil {
 				t.fail(st)
 				// Keep reading: the peer may still answer, and the
 				// transport ends when the tunnel closes.
@@ -348,9 +349,16 @@ func transportStatus(err error) *status.Status {
 	return status.New(codes.Unavailable, err.Error())
 }
 
-// handleFrame acts on one frame. A non-nil result is a violation of the
+// handleFrame acts on one frame, taking over buf (the buffer behind a
+// message frame's data, if set). A non-nil result is a violation of the
 // tunnel itself; stream-level violations are answered on their stream.
-func (t *Tunnel) handleFrame(f *pb.Frame) *status.Status {
+func (t *Tunnel) handleFrame(f *pb.Frame, buf mem.Buffer) *status.Status {
+	if buf != nil {
+		if _, ok := f.GetKind().(*pb.Frame_Message); !ok || f.GetStreamId() == 0 {
+			buf.Free()
+			buf = nil
+		}
+	}
 	if f.GetStreamId() == 0 {
 		return t.handleTunnelFrame(f)
 	}
@@ -367,6 +375,9 @@ func (t *Tunnel) handleFrame(f *pb.Frame) *status.Status {
 	s := t.streams[f.GetStreamId()]
 	t.mu.Unlock()
 	if s == nil {
+		if buf != nil {
+			buf.Free()
+		}
 		t.orphan(f)
 		return nil
 	}
@@ -375,7 +386,7 @@ func (t *Tunnel) handleFrame(f *pb.Frame) *status.Status {
 	case *pb.Frame_Headers:
 		st = s.onHeaders(k.Headers)
 	case *pb.Frame_Message:
-		st = s.onMessage(k.Message)
+		st = s.onMessage(k.Message, buf)
 	case *pb.Frame_HalfClose:
 		st = s.onHalfClose()
 	case *pb.Frame_Cancel:

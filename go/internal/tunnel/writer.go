@@ -24,9 +24,9 @@ type writer struct {
 
 	mu       sync.Mutex
 	maxBatch int         // the peer's max_batch_size
-	ctrl     []*pb.Frame // tunnel frames, window updates, cancels
-	pong     *pb.Frame   // at most one pending pong: a ping flood cannot grow the queue
-	ready    []*stream   // streams with queued frames, in turn order
+	ctrl     []outFrame // tunnel frames, window updates, cancels
+	pong     *pb.Frame  // at most one pending pong: a ping flood cannot grow the queue
+	ready    []*stream  // streams with queued frames, in turn order
 	flushing bool        // finish what is queued, then close the tunnel
 	wake     chan struct{}
 	stopped  chan struct{}
@@ -67,7 +67,7 @@ func (w *writer) push(f *pb.Frame) {
 	w.mu.Lock()
 	overflow := len(w.ctrl) >= maxControlFrames
 	if !overflow {
-		w.ctrl = append(w.ctrl, f)
+		w.ctrl = append(w.ctrl, outFrame{f: f})
 	}
 	w.mu.Unlock()
 	if overflow {
@@ -85,6 +85,15 @@ func (w *writer) queuePong(nonce uint64) {
 // enqueue appends frames to a stream's ordered queue. Data frames must carry
 // credit already taken from the stream's send window, which bounds the queue.
 func (w *writer) enqueue(s *stream, frames ...*pb.Frame) {
+	out := make([]outFrame, len(frames))
+	for i, f := range frames {
+		out[i].f = f
+	}
+	w.enqueueOut(s, out)
+}
+
+// enqueueOut is enqueue for frames that may hold buffers.
+func (w *writer) enqueueOut(s *stream, frames []outFrame) {
 	w.mu.Lock()
 	s.out = append(s.out, frames...)
 	if !s.queued {
@@ -98,8 +107,18 @@ func (w *writer) enqueue(s *stream, frames ...*pb.Frame) {
 // discard drops what a stream still has queued; used when it is cancelled.
 func (w *writer) discard(s *stream) {
 	w.mu.Lock()
+	out := s.out
 	s.out = nil
 	w.mu.Unlock()
+	freeOut(out)
+}
+
+func freeOut(frames []outFrame) {
+	for _, f := range frames {
+		if f.buf != nil {
+			f.buf.Free()
+		}
+	}
 }
 
 // flush asks the writer to send everything queued and then close the tunnel
@@ -113,7 +132,7 @@ func (w *writer) flush() {
 
 func (w *writer) run() {
 	defer close(w.stopped)
-	var batch []*pb.Frame
+	var batch []outFrame
 	for {
 		select {
 		case <-w.wake:
@@ -131,32 +150,33 @@ func (w *writer) run() {
 				}
 				break
 			}
-			if err := w.tr.Send(batch); err != nil {
+			err := w.tr.Send(batch) // the transport now owns the buffers
+			clear(batch)
+			if err != nil {
 				w.t.close(transportStatus(err))
 				return
 			}
-			clear(batch) // drop references to sent data
 		}
 	}
 }
 
 // collect fills batch up to the peer's batch limit and reports whether the
 // queues are empty while a flush was asked for.
-func (w *writer) collect(batch []*pb.Frame) ([]*pb.Frame, bool) {
+func (w *writer) collect(batch []outFrame) ([]outFrame, bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	size := 0
 	n := 0
 	for ; n < len(w.ctrl) && size < w.maxBatch; n++ {
 		batch = append(batch, w.ctrl[n])
-		size += frameSize(w.ctrl[n])
+		size += frameSize(w.ctrl[n].f)
 	}
 	w.ctrl = w.ctrl[n:]
 	if len(w.ctrl) == 0 {
 		w.ctrl = nil // let the backing array go
 	}
 	if w.pong != nil {
-		batch = append(batch, w.pong)
+		batch = append(batch, outFrame{f: w.pong})
 		size += frameSize(w.pong)
 		w.pong = nil
 	}
@@ -168,13 +188,13 @@ func (w *writer) collect(batch []*pb.Frame) ([]*pb.Frame, bool) {
 			continue
 		}
 		f := s.out[0]
-		fs := frameSize(f)
+		fs := frameSize(f.f)
 		if len(batch) > 0 && size+fs > w.maxBatch {
 			break
 		}
 		batch = append(batch, f)
 		size += fs
-		s.out[0] = nil
+		s.out[0] = outFrame{}
 		s.out = s.out[1:]
 		w.ready = w.ready[1:]
 		if len(s.out) > 0 {
