@@ -12,7 +12,7 @@ const (
 // same values.
 const (
 	DefaultMaxMessageSize       = 4 << 20
-	DefaultInitialWindowSize    = 4 << 20
+	DefaultInitialWindowSize    = 2 << 20
 	DefaultMaxConcurrentStreams = 100
 	DefaultHeartbeatInterval    = 10 * time.Second
 	DefaultMaxBatchSize         = 4 << 20

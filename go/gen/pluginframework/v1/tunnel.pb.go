@@ -487,7 +487,7 @@ type Settings struct {
 	// bytes. Default 4 MiB.
 	MaxMessageSize uint32 `protobuf:"varint,1,opt,name=max_message_size,json=maxMessageSize,proto3" json:"max_message_size,omitempty"`
 	// Flow-control credit, in bytes of message data, that each new stream
-	// starts with for data sent to this side. Default 1 MiB.
+	// starts with for data sent to this side. Default 2 MiB.
 	InitialWindowSize uint32 `protobuf:"varint,2,opt,name=initial_window_size,json=initialWindowSize,proto3" json:"initial_window_size,omitempty"`
 	// Most streams the peer may have open towards this side at once.
 	// Default 100.
