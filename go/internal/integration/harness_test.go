@@ -5,7 +5,6 @@ package integration_test
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -16,6 +15,7 @@ import (
 	"go.uber.org/goleak"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
@@ -252,4 +252,6 @@ func must[T any](t testing.TB) func(T, error) T {
 	}
 }
 
-var _ = fmt.Sprintf
+func backoffConfig(base, maxDelay time.Duration) backoff.Config {
+	return backoff.Config{BaseDelay: base, Multiplier: 1.6, Jitter: 0.2, MaxDelay: maxDelay}
+}

@@ -15,8 +15,16 @@ const heartbeatChecksPerInterval = 4
 // peer has sent nothing for heartbeatTimeoutFactor intervals. Application
 // pings are needed because HTTP/2 pings stop at proxies such as
 // kube-rbac-proxy.
-func (t *Tunnel) heartbeat(interval time.Duration) {
+func (t *Tunnel) heartbeat() {
 	defer t.wg.Done()
+	select {
+	case <-t.helloC:
+	case <-t.done:
+		return
+	}
+	t.mu.Lock()
+	interval := heartbeatInterval(t.local, t.peer)
+	t.mu.Unlock()
 	timeout := time.Duration(float64(interval) * heartbeatTimeoutFactor)
 	tick := time.NewTicker(interval / heartbeatChecksPerInterval)
 	defer tick.Stop()

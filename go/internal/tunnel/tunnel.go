@@ -128,11 +128,12 @@ func New(tr Transport, cfg Config) *Tunnel {
 	if cfg.Side == PluginSide {
 		t.w.control(&pb.Frame{Kind: &pb.Frame_Register{Register: cfg.Register}})
 	}
-	t.wg.Add(1)
+	t.wg.Add(2)
 	go func() {
 		defer t.wg.Done()
 		t.w.run()
 	}()
+	go t.heartbeat()
 	go t.readLoop() // not in wg: on the operator side Recv returns only after the handler does
 	return t
 }
@@ -489,8 +490,6 @@ func (t *Tunnel) onHello(h *pb.Hello) *status.Status {
 	t.slots = make(chan struct{}, ps.MaxConcurrentStreams)
 	t.w.setMaxBatch(ps.MaxBatchSize)
 	close(t.helloC)
-	t.wg.Add(1)
-	go t.heartbeat(heartbeatInterval(t.local, ps))
 	return nil
 }
 

@@ -23,11 +23,11 @@ type writer struct {
 	tr Transport
 
 	mu       sync.Mutex
-	maxBatch int         // the peer's max_batch_size
+	maxBatch int        // the peer's max_batch_size
 	ctrl     []outFrame // tunnel frames, window updates, cancels
 	pong     *pb.Frame  // at most one pending pong: a ping flood cannot grow the queue
 	ready    []*stream  // streams with queued frames, in turn order
-	flushing bool        // finish what is queued, then close the tunnel
+	flushing bool       // finish what is queued, then close the tunnel
 	wake     chan struct{}
 	stopped  chan struct{}
 }
