@@ -274,6 +274,9 @@ func (cs *clientStream) SendMsg(m any) error {
 
 func (cs *clientStream) RecvMsg(m any) error {
 	if err := cs.s.recvInto(cs.ci.codec, m); err != nil {
+		if errors.Is(err, io.EOF) && !cs.desc.ServerStreams {
+			err = status.Error(codes.Internal, "cardinality violation: received no response message from non-streaming RPC")
+		}
 		cs.finish(err)
 		return err
 	}
