@@ -158,6 +158,9 @@ func decodeBatch(b []byte, root mem.Buffer) ([]inFrame, error) {
 		if n < 0 {
 			return frames, fmt.Errorf("malformed batch: %w", protowire.ParseError(n))
 		}
+		if num > protowire.MaxValidNumber {
+			return frames, fmt.Errorf("malformed batch: field number %d out of range", num)
+		}
 		b = b[n:]
 		if num != fieldBatchFrames || typ != protowire.BytesType {
 			if n = protowire.ConsumeFieldValue(num, typ, b); n < 0 {
