@@ -53,10 +53,14 @@ func goBuild(modfile, out, pkg string) error {
 
 func tool(name string) string { return filepath.Join(binDir, name) }
 
-// Generate regenerates the code generated from proto/.
+// Generate regenerates the code generated from proto/ (into go/gen) and
+// from examples/proto (into examples/gen).
 func Generate() error {
 	mg.Deps(Tools)
-	return sh.RunV(tool("buf"), "generate")
+	if err := sh.RunV(tool("buf"), "generate"); err != nil {
+		return err
+	}
+	return sh.RunV(tool("buf"), "generate", "--template", "examples/buf.gen.yaml")
 }
 
 // Lint checks formatting, vet, staticcheck, buf lint, and that generated
@@ -90,7 +94,10 @@ func checkGenerated() error {
 	if err := sh.RunV(tool("buf"), "generate"); err != nil {
 		return err
 	}
-	out, err := sh.Output("git", "status", "--porcelain", "--", "go/gen", "examples")
+	if err := sh.RunV(tool("buf"), "generate", "--template", "examples/buf.gen.yaml"); err != nil {
+		return err
+	}
+	out, err := sh.Output("git", "status", "--porcelain", "--", "go/gen", "examples/gen")
 	if err != nil {
 		return err
 	}
