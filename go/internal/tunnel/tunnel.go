@@ -321,7 +321,13 @@ func (t *Tunnel) readLoop() {
 	for {
 		frames, err := t.tr.Recv()
 		if err != nil {
-			t.close(transportStatus(err))
+			st := transportStatus(err)
+			t.mu.Lock()
+			if t.peerGoAway && errors.Is(err, io.EOF) {
+				st = status.New(codes.OK, "peer drained") // the end it announced
+			}
+			t.mu.Unlock()
+			t.close(st)
 			return
 		}
 		t.lastRecv.Store(time.Now().UnixNano())
