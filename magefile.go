@@ -67,7 +67,7 @@ func Generate() error {
 // code matches proto/.
 func Lint() error {
 	mg.Deps(Tools)
-	out, err := sh.Output("gofmt", "-l", "go", "examples", "conformance", "magefile.go")
+	out, err := sh.Output("gofmt", append([]string{"-l", "magefile.go"}, goModules()...)...)
 	if err != nil {
 		return err
 	}
