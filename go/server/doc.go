@@ -1,0 +1,26 @@
+// Package server is the operator's side of the framework: it accepts the
+// tunnels plugins open, records them in a registry, and drains them on
+// shutdown.
+//
+// A Server is a controller-runtime Runnable that every replica runs
+// (NeedLeaderElection is false), so plugins connected to a standby replica
+// work too:
+//
+//	srv, err := server.New("unix:///var/run/operator/plugins.sock")
+//	if err != nil {
+//		return err
+//	}
+//	if err := mgr.Add(srv); err != nil {
+//		return err
+//	}
+//	plugins := srv.GetRegistry() // hand it to reconcilers
+//
+// When the manager's context ends, Start tells every plugin to go away,
+// gives calls in flight the drain timeout (WithDrainTimeout) to finish,
+// closes the tunnels and returns.
+//
+// Plugins are identified by an Authenticator (WithAuthenticator) and their
+// registrations accepted or refused by a RegistrationPolicy
+// (WithRegistrationPolicy). Limits and the heartbeat interval have options
+// of their own; the wire protocol is described in docs/tunnel-spec.md.
+package server
