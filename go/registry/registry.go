@@ -67,6 +67,7 @@ func (r *Registry) Add(inst Instance, conn Conn) (remove func()) {
 	e := &entry{Instance: inst, conn: conn}
 	r.mu.Lock()
 	r.byName[inst.Name] = append(r.byName[inst.Name], e)
+	instancesGauge.WithLabelValues(inst.Name).Inc()
 	r.notifyLocked(Event{Type: Registered, Instance: inst})
 	r.mu.Unlock()
 	var once sync.Once
@@ -87,6 +88,7 @@ func (r *Registry) remove(e *entry) {
 	} else {
 		r.byName[e.Name] = list
 	}
+	instancesGauge.WithLabelValues(e.Name).Dec()
 	r.notifyLocked(Event{Type: Unregistered, Instance: e.Instance})
 }
 
@@ -180,7 +182,9 @@ func (p *PluginProvider) Instances() []Instance {
 }
 
 // Invoke performs a unary call on the least busy instance.
-func (p *PluginProvider) Invoke(ctx context.Context, method string, args, reply any, opts ...grpc.CallOption) error {
+func (p *PluginProvider) Invoke(ctx context.Context, method string, args, reply any, opts ...grpc.CallOption) (err error) {
+	start := time.Now()
+	defer func() { observe(p.name, method, start, err) }()
 	c, err := p.pick(ctx, waitForReady(opts))
 	if err != nil {
 		return err
@@ -190,11 +194,16 @@ func (p *PluginProvider) Invoke(ctx context.Context, method string, args, reply 
 
 // NewStream opens a streaming call on the least busy instance.
 func (p *PluginProvider) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	start := time.Now()
 	c, err := p.pick(ctx, waitForReady(opts))
-	if err != nil {
-		return nil, err
+	if err == nil {
+		var cs grpc.ClientStream
+		if cs, err = c.NewStream(ctx, desc, method, opts...); err == nil {
+			return &observedStream{ClientStream: cs, plugin: p.name, method: method, start: start}, nil
+		}
 	}
-	return c.NewStream(ctx, desc, method, opts...)
+	observe(p.name, method, start, err)
+	return nil, err
 }
 
 // pick chooses the instance with the fewest calls in flight, the newest on
