@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -12,6 +13,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -384,4 +386,78 @@ func repeat(v int32, n int) []int32 {
 		out[i] = v
 	}
 	return out
+}
+
+func TestCallErrorsStayLocal(t *testing.T) {
+	op := startOperator(t)
+	c := op.plugin(t, "p", &testService{})
+	call := op.call(t, "p")
+	// Metadata larger than the plugin's batch limit fails the call, not the tunnel.
+	big := metadata.AppendToOutgoingContext(ctxTimeout(t, 5*time.Second), "x-big", strings.Repeat("x", 5<<20))
+	_, err := call.UnaryCall(big, &testgrpc.SimpleRequest{})
+	wantCode(t, err, codes.ResourceExhausted)
+	// Metadata no gRPC peer would accept fails before it leaves.
+	bad := metadata.NewOutgoingContext(ctxTimeout(t, 5*time.Second), metadata.MD{"bad key": {"v"}})
+	_, err = call.UnaryCall(bad, &testgrpc.SimpleRequest{})
+	wantCode(t, err, codes.Internal)
+	// The handler decodes protobuf; another codec is refused.
+	_, err = call.UnaryCall(ctxTimeout(t, 5*time.Second), &testgrpc.SimpleRequest{}, grpc.ForceCodecV2(jsonCodec{}))
+	wantCode(t, err, codes.Internal)
+	if _, err := call.UnaryCall(ctxTimeout(t, 5*time.Second), &testgrpc.SimpleRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if got := op.reg.List(); len(got) != 1 || got[0].ID != c.InstanceID() {
+		t.Fatalf("instances %v, want the first one still there", got)
+	}
+}
+
+type jsonCodec struct{ encoding.CodecV2 }
+
+func (jsonCodec) Name() string { return "json" }
+
+func TestDeadlineCountsTheWaitForASlot(t *testing.T) {
+	op := startOperator(t)
+	release := make(chan struct{})
+	seen := make(chan time.Duration, 2)
+	op.plugin(t, "p", &testService{onEmpty: func(ctx context.Context) error {
+		dl, _ := ctx.Deadline()
+		seen <- time.Until(dl)
+		<-release
+		return nil
+	}}, client.WithMaxConcurrentStreams(1))
+	c := op.call(t, "p")
+	errc := make(chan error, 2)
+	go func() {
+		_, err := c.EmptyCall(ctxTimeout(t, 10*time.Second), &testgrpc.Empty{})
+		errc <- err
+	}()
+	<-seen
+	go func() {
+		// Waits for the only slot, 300 ms.
+		_, err := c.EmptyCall(ctxTimeout(t, 2*time.Second), &testgrpc.Empty{})
+		errc <- err
+	}()
+	time.Sleep(300 * time.Millisecond)
+	close(release)
+	if left := <-seen; left > 1800*time.Millisecond {
+		t.Fatalf("second handler saw %v left, want the time spent waiting deducted", left)
+	}
+	for range 2 {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestHeadersSurviveAFailedSend(t *testing.T) {
+	op := startOperator(t, server.WithMaxMessageSize(1<<20))
+	op.plugin(t, "p", &testService{})
+	c := op.call(t, "p")
+	ctx := metadata.AppendToOutgoingContext(ctxTimeout(t, 5*time.Second), "x-echo-kept", "yes")
+	stream := must[testgrpc.TestService_StreamingOutputCallClient](t)(c.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{ResponseParameters: sizes(2 << 20)}))
+	_, err := stream.Recv()
+	wantCode(t, err, codes.ResourceExhausted)
+	if h, _ := stream.Header(); len(h.Get("x-echo-kept")) != 1 {
+		t.Fatalf("headers %v, want x-echo-kept", h)
+	}
 }

@@ -367,14 +367,14 @@ func (o *rawOperator) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest,
 
 // startRawOperator serves raw Connect streams; next returns the next one,
 // handshake done as far as asked.
-func startRawOperator(t testing.TB) (target string, next func(t testing.TB) *rawPeer) {
+func startRawOperator(t testing.TB, opts ...grpc.ServerOption) (target string, next func(t testing.TB) *rawPeer) {
 	path := socketPath(t)
 	lis, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	o := &rawOperator{peers: make(chan *rawPeer, 8), done: make(chan struct{})}
-	gs := grpc.NewServer()
+	gs := grpc.NewServer(opts...)
 	pb.RegisterPluginFrameworkServiceServer(gs, o)
 	go gs.Serve(lis)
 	t.Cleanup(func() {
@@ -395,7 +395,11 @@ func startRawOperator(t testing.TB) (target string, next func(t testing.TB) *raw
 }
 
 func startRawTarget(t testing.TB, opts ...client.Option) (func(testing.TB) *rawPeer, *client.Client) {
-	target, next := startRawOperator(t)
+	return startRawTargetWith(t, nil, opts...)
+}
+
+func startRawTargetWith(t testing.TB, serverOpts []grpc.ServerOption, opts ...client.Option) (func(testing.TB) *rawPeer, *client.Client) {
+	target, next := startRawOperator(t, serverOpts...)
 	c, err := client.New(context.Background(), "p", target, "v1", &testgrpc.TestService_ServiceDesc, &testService{},
 		append([]client.Option{client.WithBackoff(fastBackoff), client.WithDrainTimeout(time.Second)}, opts...)...)
 	if err != nil {
@@ -467,18 +471,81 @@ func TestRawOperatorBadInput(t *testing.T) {
 
 func TestRawOperatorSilenceMakesPluginReconnect(t *testing.T) {
 	next, _ := startRawTarget(t)
-	p := next(t)
-	// The operator asks for 200 ms heartbeats, then never speaks again.
-	accept(p, &pb.Settings{HeartbeatInterval: durationpb.New(200 * time.Millisecond)})
-	ack(p)
-	start := time.Now()
-	p.expectEnd()
-	if el := time.Since(start); el > 400*time.Millisecond {
-		t.Fatalf("plugin noticed silence after %v, want within two intervals", el)
+	// The operator asks for heartbeats, then never speaks again. An
+	// interval below the minimum (100 ms) is raised to it.
+	for _, interval := range []time.Duration{200 * time.Millisecond, 2 * time.Nanosecond} {
+		p := next(t)
+		accept(p, &pb.Settings{HeartbeatInterval: durationpb.New(interval)})
+		ack(p)
+		start := time.Now()
+		p.expectEnd()
+		if el, limit := time.Since(start), 2*max(interval, 100*time.Millisecond); el > limit {
+			t.Fatalf("interval %v: plugin noticed silence after %v, want within %v", interval, el, limit)
+		}
 	}
 	// It reconnects and registers again.
-	p2 := next(t)
-	accept(p2, &pb.Settings{})
-	ack(p2)
-	p2.alive(1)
+	p := next(t)
+	accept(p, &pb.Settings{})
+	ack(p)
+	p.alive(1)
+}
+
+func TestRawOperatorSmallBatches(t *testing.T) {
+	// The operator accepts batches of 64 KiB only: a 1 MiB response must
+	// come in chunks that fit.
+	next, _ := startRawTargetWith(t, []grpc.ServerOption{grpc.MaxRecvMsgSize(64 << 10)})
+	p := next(t)
+	accept(p, &pb.Settings{MaxBatchSize: 64 << 10})
+	ack(p)
+	req := encode(t, &testgrpc.SimpleRequest{ResponseSize: 1 << 20})
+	p.sendFrames(openF(1, "/grpc.testing.TestService/UnaryCall"), msgF(1, uint32(len(req)), req),
+		&pb.Frame{StreamId: 1, Kind: &pb.Frame_HalfClose{HalfClose: &pb.StreamHalfClose{}}})
+	var got int
+	for {
+		f := p.expect("response", func(f *pb.Frame) bool { return f.GetStreamId() == 1 })
+		if f.GetMessage() != nil {
+			got += len(f.GetMessage().Data)
+			continue
+		}
+		wantStatus(t, status.FromProto(f.GetClose().GetStatus()), codes.OK, "")
+		break
+	}
+	if got < 1<<20 {
+		t.Fatalf("received %d bytes, want the 1 MiB response", got)
+	}
+}
+
+func TestRawOperatorCardinalityAndCancel(t *testing.T) {
+	next, _ := startRawTarget(t)
+	p := next(t)
+	accept(p, &pb.Settings{})
+	ack(p)
+	halfClose := func(id uint64) *pb.Frame {
+		return &pb.Frame{StreamId: id, Kind: &pb.Frame_HalfClose{HalfClose: &pb.StreamHalfClose{}}}
+	}
+	req := encode(t, &testgrpc.SimpleRequest{})
+	// Two requests to a unary method; none to a server-streaming one.
+	p.sendFrames(openF(1, "/grpc.testing.TestService/UnaryCall"), msgF(1, uint32(len(req)), req), msgF(1, uint32(len(req)), req), halfClose(1))
+	f := p.expect("close of stream 1", on(1, "close"))
+	wantStatus(t, status.FromProto(f.GetClose().Status), codes.Internal, "cardinality violation")
+	p.sendFrames(openF(3, "/grpc.testing.TestService/StreamingOutputCall"), halfClose(3))
+	f = p.expect("close of stream 3", on(3, "close"))
+	wantStatus(t, status.FromProto(f.GetClose().Status), codes.Internal, "cardinality violation")
+	// A cancel whose status says OK still cancels.
+	p.sendFrames(openF(5, "/grpc.testing.TestService/FullDuplexCall"),
+		&pb.Frame{StreamId: 5, Kind: &pb.Frame_Cancel{Cancel: &pb.StreamCancel{Status: status.New(codes.OK, "").Proto()}}})
+	f = p.expect("close of stream 5", on(5, "close"))
+	wantStatus(t, status.FromProto(f.GetClose().Status), codes.Canceled, "")
+	p.alive(1)
+}
+
+func TestRawOperatorRejectWithoutCode(t *testing.T) {
+	next, c := startRawTarget(t)
+	p := next(t)
+	accept(p, &pb.Settings{})
+	p.sendFrames(&pb.Frame{Kind: &pb.Frame_RegisterReject{RegisterReject: &pb.RegisterReject{Status: status.New(codes.OK, "go away").Proto()}}})
+	err := c.Ready(ctxTimeout(t, 300*time.Millisecond))
+	if err == nil || !strings.Contains(err.Error(), "PermissionDenied") {
+		t.Fatalf("Ready: %v, want a PermissionDenied refusal", err)
+	}
 }

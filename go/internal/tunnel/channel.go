@@ -10,9 +10,11 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding"
+	grpcproto "google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 )
 
@@ -66,6 +68,10 @@ func (t *Tunnel) callInfo(opts []grpc.CallOption) (*callInfo, error) {
 		// Wait-for-ready is the registry's business (it picks the tunnel);
 		// compression does not apply inside the tunnel.
 	}
+	// The handler decodes protobuf: another encoding would be misread.
+	if name := ci.codec.name(); name != grpcproto.Name {
+		return nil, status.Errorf(codes.Internal, "the tunnel carries protobuf messages; codec %q is not supported", name)
+	}
 	return ci, nil
 }
 
@@ -92,13 +98,8 @@ func (t *Tunnel) open(ctx context.Context, method string, ci *callInfo) (*stream
 			md.Append(k, v)
 		}
 	}
-	var timeout *durationpb.Duration
-	if dl, ok := ctx.Deadline(); ok {
-		left := time.Until(dl)
-		if left <= 0 {
-			return nil, status.Error(codes.DeadlineExceeded, context.DeadlineExceeded.Error())
-		}
-		timeout = durationpb.New(left)
+	if err := checkMetadata(md); err != nil {
+		return nil, err
 	}
 
 	t.mu.Lock()
@@ -114,6 +115,17 @@ func (t *Tunnel) open(ctx context.Context, method string, ci *callInfo) (*stream
 	case <-t.done:
 		return nil, t.unavailable()
 	}
+	// The time left is taken once a slot is ours, so that the handler's
+	// deadline is not later than the caller's.
+	var timeout *durationpb.Duration
+	if dl, ok := ctx.Deadline(); ok {
+		left := time.Until(dl)
+		if left <= 0 {
+			<-slots
+			return nil, status.Error(codes.DeadlineExceeded, context.DeadlineExceeded.Error())
+		}
+		timeout = durationpb.New(left)
+	}
 	t.mu.Lock()
 	if _, err := t.acceptingErr(); err != nil {
 		t.mu.Unlock()
@@ -121,11 +133,17 @@ func (t *Tunnel) open(ctx context.Context, method string, ci *callInfo) (*stream
 		return nil, err
 	}
 	id := t.nextID
+	open := openFrame(id, method, md, timeout)
+	if frameSize(open) > t.peer.MaxBatchSize-batchReserve {
+		t.mu.Unlock()
+		<-slots
+		return nil, status.Errorf(codes.ResourceExhausted, "request metadata of %d bytes is larger than the plugin accepts", proto.Size(open))
+	}
 	t.nextID += 2
 	s := newStream(t, id, method, true, ctx)
 	s.maxRecv, s.maxSend = ci.maxRecv, ci.maxSend
 	t.streams[id] = s
-	t.w.push(openFrame(id, method, md, timeout))
+	t.w.push(open)
 	t.mu.Unlock()
 	return s, nil
 }

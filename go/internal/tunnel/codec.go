@@ -17,6 +17,13 @@ type codec struct {
 
 func defaultCodec() codec { return codec{v2: encoding.GetCodecV2(proto.Name)} }
 
+func (c codec) name() string {
+	if c.v1 != nil {
+		return c.v1.Name()
+	}
+	return c.v2.Name()
+}
+
 // marshal returns the encoded message and, when it lives in a pooled
 // buffer, that buffer: its reference passes to the caller.
 func (c codec) marshal(v any) ([]byte, mem.Buffer, error) {

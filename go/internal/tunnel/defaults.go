@@ -20,6 +20,9 @@ const (
 	// MinMaxBatchSize is the smallest batch limit a peer may advertise, so
 	// that a chunk and its frame overhead always fit.
 	MinMaxBatchSize = 64 << 10
+
+	// MinHeartbeatInterval bounds how often a peer can make us ping.
+	MinHeartbeatInterval = 100 * time.Millisecond
 )
 
 // Tuning constants that are local choices, not part of the protocol.
@@ -29,9 +32,14 @@ const (
 	// stream's message does not hold the write loop for long.
 	maxChunkSize = 2 << 20
 
-	// frameOverhead is a generous estimate of the encoded size of a frame
-	// besides its data, used to keep batches under the peer's limit.
+	// frameOverhead bounds the encoded size of a message frame besides its
+	// data (ids, sizes, tags, lengths), used to keep batches under the
+	// peer's limit.
 	frameOverhead = 64
+
+	// batchReserve is kept free in every batch for the batch's own
+	// encoding, so that a frame of maxFrameSize always fits.
+	batchReserve = 1 << 10
 
 	// windowUpdateDivisor: credit is returned once a quarter of the window
 	// has been consumed, so one update covers many chunks.

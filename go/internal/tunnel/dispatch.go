@@ -2,9 +2,7 @@ package tunnel
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"reflect"
 	"runtime/debug"
 	"slices"
@@ -130,6 +128,7 @@ func (d *Dispatcher) serve(ctx context.Context, ss *serverStream) (err error) {
 		return d.serveUnary(ctx, ss, svc, md)
 	}
 	if sd, ok := svc.streams[method]; ok {
+		ss.clientStreams = sd.ClientStreams
 		info := &grpc.StreamServerInfo{FullMethod: ss.s.method, IsClientStream: sd.ClientStreams, IsServerStream: sd.ServerStreams}
 		if d.stream != nil {
 			return d.stream(svc.impl, ss, info, sd.Handler)
@@ -140,13 +139,7 @@ func (d *Dispatcher) serve(ctx context.Context, ss *serverStream) (err error) {
 }
 
 func (d *Dispatcher) serveUnary(ctx context.Context, ss *serverStream, svc *service, md *grpc.MethodDesc) error {
-	dec := func(v any) error {
-		err := ss.s.recvInto(defaultCodec(), v)
-		if errors.Is(err, io.EOF) {
-			return status.Error(codes.Internal, "unary call without a request message")
-		}
-		return err
-	}
+	dec := ss.RecvMsg
 	resp, err := md.Handler(svc.impl, ctx, dec, d.unary)
 	if err != nil {
 		return err

@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
@@ -66,12 +67,22 @@ func windowUpdateFrame(id uint64, inc uint32) *pb.Frame {
 	return &pb.Frame{StreamId: id, Kind: &pb.Frame_WindowUpdate{WindowUpdate: &pb.WindowUpdate{Increment: inc}}}
 }
 
-// frameSize estimates a frame's encoded size for batching.
+// frameSize bounds a frame's encoded size for batching: exact for frames
+// without data, which can carry large metadata.
 func frameSize(f *pb.Frame) int {
 	if m, ok := f.Kind.(*pb.Frame_Message); ok {
 		return len(m.Message.Data) + frameOverhead
 	}
-	return frameOverhead
+	return proto.Size(f) + frameOverhead
+}
+
+// kindName names a frame's kind as the protocol does ("hello", "open", ...).
+func kindName(f *pb.Frame) string {
+	fd := f.ProtoReflect().WhichOneof(f.ProtoReflect().Descriptor().Oneofs().ByName("kind"))
+	if fd == nil {
+		return "unknown"
+	}
+	return string(fd.Name())
 }
 
 // statusFromProto turns a received status into a *status.Status. An unset
@@ -120,6 +131,30 @@ func encodeMetadata(md metadata.MD) []*pb.MetadataEntry {
 		out = append(out, e)
 	}
 	return out
+}
+
+// checkMetadata validates metadata about to be sent with the rules
+// decodeMetadata applies on receipt, so that a bad key fails the call here
+// rather than at the peer.
+func checkMetadata(md metadata.MD) error {
+	for k, vs := range md {
+		k = strings.ToLower(k)
+		if reservedKey(k) {
+			continue
+		}
+		if !validKey(k) || strings.HasPrefix(k, ":") {
+			return status.Errorf(codes.Internal, "header key %q contains illegal characters", k)
+		}
+		if strings.HasSuffix(k, "-bin") {
+			continue
+		}
+		for _, v := range vs {
+			if !printable([]byte(v)) {
+				return status.Errorf(codes.Internal, "header key %q contains value with non-printable ASCII characters", k)
+			}
+		}
+	}
+	return nil
 }
 
 // decodeMetadata validates received metadata as gRPC would on the wire:

@@ -3,6 +3,7 @@ package tunnel
 import (
 	"context"
 	"errors"
+	"io"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -16,6 +17,9 @@ import (
 // streaming handlers.
 type serverStream struct {
 	s *stream
+	// clientStreams: the method takes a stream of requests; otherwise
+	// exactly one, as grpc-go checks.
+	clientStreams bool
 }
 
 // transportStream is the grpc.ServerTransportStream behind grpc.SetHeader,
@@ -38,6 +42,9 @@ func (ss *serverStream) Method() string           { return ss.s.method }
 func (ss *serverStream) Context() context.Context { return ss.s.ctx }
 
 func (ss *serverStream) SetHeader(md metadata.MD) error {
+	if err := checkMetadata(md); err != nil {
+		return err
+	}
 	s := ss.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -49,6 +56,9 @@ func (ss *serverStream) SetHeader(md metadata.MD) error {
 }
 
 func (ss *serverStream) SendHeader(md metadata.MD) error {
+	if err := checkMetadata(md); err != nil {
+		return err
+	}
 	s := ss.s
 	s.mu.Lock()
 	if s.headerSent || !s.live() {
@@ -62,7 +72,11 @@ func (ss *serverStream) SendHeader(md metadata.MD) error {
 	return nil
 }
 
+// SetTrailer drops invalid metadata: the interface has no way to say so.
 func (ss *serverStream) SetTrailer(md metadata.MD) {
+	if checkMetadata(md) != nil {
+		return
+	}
 	s := ss.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -87,14 +101,46 @@ func (ss *serverStream) SendMsg(m any) error {
 	prefix := ss.takeHeadersLocked()
 	ss.s.mu.Unlock()
 	last, err := ss.s.sendMsg(defaultCodec(), m, prefix)
-	if err == nil {
-		ss.s.t.w.enqueueOut(ss.s, last)
+	if err != nil {
+		ss.unsent(prefix, last)
+		return err
 	}
-	return err
+	ss.s.t.w.enqueueOut(ss.s, last)
+	return nil
+}
+
+// unsent notes that headers taken for a send that failed before queueing
+// them are still to be sent (with the status).
+func (ss *serverStream) unsent(prefix []*pb.Frame, last []outFrame) {
+	if len(prefix) > 0 && len(last) > 0 && last[0].f == prefix[0] {
+		ss.s.mu.Lock()
+		ss.s.headerSent = false
+		ss.s.mu.Unlock()
+	}
 }
 
 func (ss *serverStream) RecvMsg(m any) error {
-	return ss.s.recvInto(defaultCodec(), m)
+	err := ss.s.recvInto(defaultCodec(), m)
+	if ss.clientStreams {
+		return err
+	}
+	if errors.Is(err, io.EOF) {
+		return status.Error(codes.Internal, "cardinality violation: received no request message from non-client-streaming RPC")
+	}
+	if err != nil {
+		return err
+	}
+	_, buf, err := ss.s.recvMsg()
+	if buf != nil {
+		buf.Free()
+	}
+	switch {
+	case err == nil:
+		return status.Error(codes.Internal, "cardinality violation: received multiple request messages for non-client-streaming RPC")
+	case errors.Is(err, io.EOF):
+		return nil
+	}
+	return err
 }
 
 // reply sends a unary response with the headers before it and the status
@@ -106,6 +152,7 @@ func (ss *serverStream) reply(resp any) error {
 	s.mu.Unlock()
 	last, err := s.sendMsg(defaultCodec(), resp, prefix)
 	if err != nil {
+		ss.unsent(prefix, last)
 		return err
 	}
 	ss.close(last, status.New(codes.OK, ""))
@@ -132,7 +179,11 @@ func (ss *serverStream) close(frames []outFrame, st *status.Status) {
 	for _, h := range ss.takeHeadersLocked() {
 		frames = append([]outFrame{{f: h}}, frames...)
 	}
-	frames = append(frames, outFrame{f: closeFrame(s.id, st, s.trailer)})
+	cf := closeFrame(s.id, st, s.trailer)
+	if frameSize(cf) > s.t.peer.MaxBatchSize-batchReserve {
+		cf = closeFrame(s.id, status.New(codes.ResourceExhausted, "response status and trailers are larger than the operator accepts"), nil)
+	}
+	frames = append(frames, outFrame{f: cf})
 	if s.final == nil {
 		s.final = st
 	}

@@ -94,7 +94,7 @@ func heartbeatInterval(local, peer Settings) time.Duration {
 	if d == 0 {
 		return DefaultHeartbeatInterval
 	}
-	return d
+	return max(d, MinHeartbeatInterval)
 }
 
 // negotiateVersion picks the highest version both ranges contain.

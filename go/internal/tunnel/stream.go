@@ -58,12 +58,14 @@ type stream struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 
-	maxRecv int // largest message accepted
-	maxSend int // largest message sent
+	maxRecv  int // largest message accepted
+	maxSend  int // largest message sent
+	maxChunk int // largest chunk sent
 
 	// Guarded by t.w.mu: frames waiting for the write loop.
-	out    []outFrame
-	queued bool
+	out     []outFrame
+	queued  bool
+	aborted bool // nothing more is sent on this stream
 
 	mu         sync.Mutex
 	state      streamState
@@ -93,6 +95,7 @@ func newStream(t *Tunnel, id uint64, method string, caller bool, ctx context.Con
 		ctx:        ctx,
 		maxRecv:    t.local.MaxMessageSize,
 		maxSend:    t.peer.MaxMessageSize,
+		maxChunk:   t.chunk,
 		send:       sendWindow{avail: int64(t.peer.InitialWindowSize)},
 		recv:       newRecvWindow(t.local.InitialWindowSize),
 		recvNotify: make(chan struct{}, 1),
@@ -150,8 +153,8 @@ func (s *stream) sendErrorLocked() error {
 		// As in grpc-go: SendMsg returns io.EOF and the status comes from RecvMsg.
 		return io.EOF
 	}
-	if s.final != nil {
-		return s.final.Err()
+	if err := s.final.Err(); err != nil {
+		return err
 	}
 	return status.Error(codes.Internal, "send after the handler finished")
 }
@@ -197,7 +200,7 @@ func (s *stream) writeMessage(prefix []*pb.Frame, data []byte, root mem.Buffer) 
 	}
 	size := uint32(len(data))
 	for off := 0; ; {
-		want := min(len(data)-off, maxChunkSize)
+		want := min(len(data)-off, s.maxChunk)
 		n := 0
 		if want > 0 {
 			var err error
@@ -313,7 +316,10 @@ func (s *stream) recvEndLocked() error {
 		}
 		return io.EOF
 	case s.state >= stateCancelling:
-		return s.final.Err()
+		if err := s.final.Err(); err != nil {
+			return err
+		}
+		return status.Error(codes.Canceled, "stream ended")
 	case !s.caller && s.state == stateHalfClosedRemote && s.pending == 0 && s.asm == nil:
 		return io.EOF
 	}
@@ -440,6 +446,9 @@ func (s *stream) onCancel(c *pb.StreamCancel) *status.Status {
 	defer s.mu.Unlock()
 	if s.final == nil {
 		s.final = statusFromProto(c.GetStatus(), codes.Canceled)
+		if s.final.Code() == codes.OK {
+			s.final = status.New(codes.Canceled, s.final.Message())
+		}
 	}
 	s.endLocked(stateCancelling)
 	return nil
@@ -464,6 +473,7 @@ func (s *stream) onClose(c *pb.StreamClose) *status.Status {
 		s.state = stateClosed
 	}
 	s.mu.Unlock()
+	s.t.w.discard(s) // the handler reads no more
 	s.t.removeStream(s)
 	return nil
 }

@@ -90,6 +90,7 @@ type Tunnel struct {
 	nextID       uint64 // next id this side opens
 	lastPeerID   uint64 // highest id the peer opened
 	handling     int    // streams the peer opened that are still open
+	chunk        int    // largest chunk the peer's batch limit allows
 	goingAway    bool   // this side sent GoAway
 	peerGoAway   bool   // the peer sent GoAway
 	slots        chan struct{}
@@ -213,6 +214,7 @@ func (t *Tunnel) fail(st *status.Status) {
 	first := t.failure == nil
 	if first {
 		t.failure = st
+		t.goingAway = true // no new streams either way
 	}
 	t.mu.Unlock()
 	if !first {
@@ -376,7 +378,7 @@ func (t *Tunnel) handleFrame(f *pb.Frame, buf mem.Buffer) *status.Status {
 	case nil:
 		return nil // a frame kind from a later version: ignored
 	default:
-		return status.Newf(codes.Internal, "tunnel frame %T on stream %d", k, f.GetStreamId())
+		return status.Newf(codes.Internal, "%s frame on stream %d", kindName(f), f.GetStreamId())
 	}
 	t.mu.Lock()
 	s := t.streams[f.GetStreamId()]
@@ -453,7 +455,11 @@ func (t *Tunnel) handleTunnelFrame(f *pb.Frame) *status.Status {
 	case *pb.Frame_RegisterAck:
 		return t.onRegisterAnswer(k.RegisterAck, nil)
 	case *pb.Frame_RegisterReject:
-		return t.onRegisterAnswer(nil, statusFromProto(k.RegisterReject.GetStatus(), codes.PermissionDenied))
+		st := statusFromProto(k.RegisterReject.GetStatus(), codes.PermissionDenied)
+		if st.Code() == codes.OK {
+			st = status.New(codes.PermissionDenied, "registration rejected: "+st.Message())
+		}
+		return t.onRegisterAnswer(nil, st)
 	case *pb.Frame_Ping:
 		t.w.queuePong(k.Ping.GetNonce())
 	case *pb.Frame_Pong:
@@ -472,7 +478,7 @@ func (t *Tunnel) handleTunnelFrame(f *pb.Frame) *status.Status {
 	case nil:
 		// A frame kind from a later version: ignored.
 	default:
-		return status.Newf(codes.Internal, "stream frame %T on stream 0", k)
+		return status.Newf(codes.Internal, "%s frame on stream 0", kindName(f))
 	}
 	return nil
 }
@@ -493,6 +499,7 @@ func (t *Tunnel) onHello(h *pb.Hello) *status.Status {
 		return status.New(codes.InvalidArgument, "bad settings: "+err.Error())
 	}
 	t.version, t.peer, t.phase = v, ps, phaseRegister
+	t.chunk = min(maxChunkSize, ps.MaxBatchSize-batchReserve-frameOverhead)
 	t.slots = make(chan struct{}, ps.MaxConcurrentStreams)
 	t.w.setMaxBatch(ps.MaxBatchSize)
 	close(t.helloC)
@@ -545,8 +552,14 @@ func (t *Tunnel) Registration(ctx context.Context) (*pb.Register, error) {
 	case <-t.done:
 		return nil, t.closedErr()
 	case <-ctx.Done():
-		t.fail(status.New(codes.DeadlineExceeded, "no registration before the handshake timeout"))
-		return nil, status.FromContextError(ctx.Err()).Err()
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			st := status.New(codes.DeadlineExceeded, "no registration before the handshake timeout")
+			t.fail(st)
+			return nil, st.Err()
+		}
+		st := status.New(codes.Unavailable, "plugin left during the handshake")
+		t.close(st)
+		return nil, st.Err()
 	}
 }
 

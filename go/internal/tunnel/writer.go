@@ -36,7 +36,7 @@ func newWriter(t *Tunnel, tr Transport) *writer {
 	return &writer{
 		t:        t,
 		tr:       tr,
-		maxBatch: MinMaxBatchSize,
+		maxBatch: MinMaxBatchSize - batchReserve,
 		wake:     make(chan struct{}, 1),
 		stopped:  make(chan struct{}),
 	}
@@ -51,7 +51,7 @@ func (w *writer) signal() {
 
 func (w *writer) setMaxBatch(n int) {
 	w.mu.Lock()
-	w.maxBatch = n
+	w.maxBatch = n - batchReserve
 	w.mu.Unlock()
 }
 
@@ -71,7 +71,8 @@ func (w *writer) push(f *pb.Frame) {
 	}
 	w.mu.Unlock()
 	if overflow {
-		go w.t.fail(status.New(codes.ResourceExhausted, "tunnel control queue full: the peer is not reading"))
+		// No room for a GoAway either: close at once.
+		go w.t.close(status.New(codes.ResourceExhausted, "tunnel control queue full: the peer is not reading"))
 	}
 }
 
@@ -92,9 +93,15 @@ func (w *writer) enqueue(s *stream, frames ...*pb.Frame) {
 	w.enqueueOut(s, out)
 }
 
-// enqueueOut is enqueue for frames that may hold buffers.
+// enqueueOut is enqueue for frames that may hold buffers. Frames for a
+// stream already aborted are dropped: the abort is its last frame.
 func (w *writer) enqueueOut(s *stream, frames []outFrame) {
 	w.mu.Lock()
+	if s.aborted {
+		w.mu.Unlock()
+		freeOut(frames)
+		return
+	}
 	s.out = append(s.out, frames...)
 	if !s.queued {
 		s.queued = true
@@ -104,11 +111,13 @@ func (w *writer) enqueueOut(s *stream, frames []outFrame) {
 	w.signal()
 }
 
-// discard drops what a stream still has queued; used when it is cancelled.
+// discard drops what a stream still has queued and anything it queues
+// later; used when it is aborted or its peer closed it.
 func (w *writer) discard(s *stream) {
 	w.mu.Lock()
 	out := s.out
 	s.out = nil
+	s.aborted = true
 	w.mu.Unlock()
 	freeOut(out)
 }
@@ -121,8 +130,8 @@ func freeOut(frames []outFrame) {
 	}
 }
 
-// flush asks the writer to send everything queued and then close the tunnel
-// with err.
+// flush asks the writer to send everything queued and then close the
+// tunnel (see closeFlushed).
 func (w *writer) flush() {
 	w.mu.Lock()
 	w.flushing = true
@@ -167,15 +176,19 @@ func (w *writer) collect(batch []outFrame) ([]outFrame, bool) {
 	defer w.mu.Unlock()
 	size := 0
 	n := 0
-	for ; n < len(w.ctrl) && size < w.maxBatch; n++ {
+	for ; n < len(w.ctrl); n++ {
+		fs := frameSize(w.ctrl[n].f)
+		if len(batch) > 0 && size+fs > w.maxBatch {
+			break
+		}
 		batch = append(batch, w.ctrl[n])
-		size += frameSize(w.ctrl[n].f)
+		size += fs
 	}
 	w.ctrl = w.ctrl[n:]
 	if len(w.ctrl) == 0 {
 		w.ctrl = nil // let the backing array go
 	}
-	if w.pong != nil {
+	if w.pong != nil && (len(batch) == 0 || size+frameOverhead <= w.maxBatch) {
 		batch = append(batch, outFrame{f: w.pong})
 		size += frameSize(w.pong)
 		w.pong = nil
