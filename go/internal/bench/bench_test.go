@@ -13,13 +13,20 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/guilhem/operator-plugin-framework/go/client"
 	"github.com/guilhem/operator-plugin-framework/go/server"
 )
+
+func TestMain(m *testing.M) {
+	log.SetLogger(logr.Discard()) // the server logs through controller-runtime
+	os.Exit(m.Run())
+}
 
 // service answers as gRPC's interop TestService does.
 type service struct {
