@@ -58,9 +58,10 @@ type stream struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 
-	maxRecv  int // largest message accepted
-	maxSend  int // largest message sent
-	maxChunk int // largest chunk sent
+	maxRecv  int   // largest message accepted
+	maxSend  int   // largest message sent
+	maxChunk int   // largest chunk sent
+	window   int64 // the peer's initial window
 
 	// Guarded by t.w.mu: frames waiting for the write loop.
 	out     []outFrame
@@ -72,8 +73,9 @@ type stream struct {
 	send       sendWindow
 	recv       recvWindow
 	chunks     []chunk
-	pending    uint32 // bytes still due for the message being received
-	asm        []byte // message being assembled by the consumer
+	pending    uint32     // bytes still due for the message being received
+	asm        []byte     // message being assembled by the consumer
+	asmBuf     mem.Buffer // the pooled buffer behind asm
 	asmN       int
 	headerSent bool // handler: headers are on their way
 	header     metadata.MD
@@ -96,6 +98,7 @@ func newStream(t *Tunnel, id uint64, method string, caller bool, ctx context.Con
 		maxRecv:    t.local.MaxMessageSize,
 		maxSend:    t.peer.MaxMessageSize,
 		maxChunk:   t.chunk,
+		window:     int64(t.peer.InitialWindowSize),
 		send:       sendWindow{avail: int64(t.peer.InitialWindowSize)},
 		recv:       newRecvWindow(t.local.InitialWindowSize),
 		recvNotify: make(chan struct{}, 1),
@@ -132,7 +135,7 @@ func (s *stream) endLocked(state streamState) {
 	s.state = state
 	if state == stateCancelling {
 		freeChunks(s.chunks) // nobody will read them
-		s.chunks, s.asm = nil, nil
+		s.chunks, s.asm, s.asmBuf = nil, nil, nil
 	}
 	if s.headerC != nil {
 		select {
@@ -160,8 +163,12 @@ func (s *stream) sendErrorLocked() error {
 }
 
 // takeCredit waits until the peer has granted credit and takes up to want
-// bytes of it.
+// bytes of it. A chunk of at most three quarters of the window waits for
+// credit for all of it, so that the message is not split and reassembled:
+// a receiver returns credit by the quarter window, so that much always
+// comes back.
 func (s *stream) takeCredit(want int) (int, error) {
+	whole := int64(want) <= s.window*3/4
 	for {
 		s.mu.Lock()
 		if !s.canSend() {
@@ -169,7 +176,10 @@ func (s *stream) takeCredit(want int) (int, error) {
 			s.mu.Unlock()
 			return 0, err
 		}
-		n := s.send.take(want)
+		n := 0
+		if !whole || s.send.avail >= int64(want) {
+			n = s.send.take(want)
+		}
 		s.mu.Unlock()
 		if n > 0 {
 			return n, nil
@@ -288,16 +298,18 @@ func (s *stream) assembleLocked() (msg []byte, buf mem.Buffer, ok bool, consumed
 			if int(c.size) == len(c.data) {
 				return c.data, c.buf, true, consumed // the common case: no copy
 			}
-			s.asm = make([]byte, c.size)
-			s.asmN = 0
+			// Every byte is overwritten: a pooled buffer needs no clearing.
+			p := mem.DefaultBufferPool().Get(int(c.size))
+			s.asm, s.asmBuf, s.asmN = *p, mem.NewBuffer(p, mem.DefaultBufferPool()), 0
 		}
 		s.asmN += copy(s.asm[s.asmN:], c.data)
 		if c.buf != nil {
 			c.buf.Free()
 		}
 		if s.asmN == len(s.asm) {
-			msg, s.asm = s.asm, nil
-			return msg, nil, true, consumed
+			msg, buf = s.asm, s.asmBuf
+			s.asm, s.asmBuf = nil, nil
+			return msg, buf, true, consumed
 		}
 	}
 	return nil, nil, false, consumed
@@ -509,7 +521,7 @@ func (s *stream) tunnelClosed(st *status.Status) {
 		s.final = st
 	}
 	freeChunks(s.chunks)
-	s.chunks, s.asm = nil, nil
+	s.chunks, s.asm, s.asmBuf = nil, nil, nil
 	s.endLocked(stateClosed)
 	s.mu.Unlock()
 }
