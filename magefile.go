@@ -119,7 +119,8 @@ func goModules() []string {
 }
 
 // Test runs lint and every test suite: the Go tests with the race detector
-// and goroutine-leak checks.
+// and goroutine-leak checks, then the end-to-end tests against real
+// Kubernetes components.
 func Test(ctx context.Context) error {
 	mg.SerialCtxDeps(ctx, Lint)
 	for _, dir := range goModules() {
@@ -127,7 +128,7 @@ func Test(ctx context.Context) error {
 			return err
 		}
 	}
-	return nil
+	return E2E(ctx)
 }
 
 // Bench compares calls through the tunnel with direct gRPC calls on this

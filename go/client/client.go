@@ -80,6 +80,9 @@ func New(ctx context.Context, name, target, version string, desc *grpc.ServiceDe
 		}
 	}
 
+	if err := cfg.security.apply(&cfg, target); err != nil { // credentials.go
+		return nil, fmt.Errorf("plugin client: %w", err)
+	}
 	creds := cfg.transportCreds
 	if creds == nil {
 		creds = insecure.NewCredentials()

@@ -38,6 +38,7 @@ type config struct {
 	drainTimeout     time.Duration
 	handshakeTimeout time.Duration
 	logger           logr.Logger
+	security         securityConfig // credentials.go
 }
 
 func defaultConfig() config {
@@ -108,7 +109,7 @@ func WithMaxMessageSize(n int) Option {
 }
 
 // WithInitialWindowSize sets the flow-control window of each call for data
-// coming from the operator, in bytes. Default 1 MiB.
+// coming from the operator, in bytes. Default 2 MiB.
 func WithInitialWindowSize(n int) Option {
 	return optionFunc(func(c *config) { c.settings.InitialWindowSize = n })
 }

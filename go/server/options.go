@@ -29,6 +29,7 @@ type config struct {
 	authenticate     Authenticator
 	registry         *registry.Registry
 	listener         net.Listener
+	security         securityConfig // security.go
 }
 
 const (
@@ -49,7 +50,7 @@ func WithMaxMessageSize(n int) Option {
 }
 
 // WithInitialWindowSize sets the flow-control window of each call for data
-// coming from plugins, in bytes. Default 1 MiB.
+// coming from plugins, in bytes. Default 2 MiB.
 func WithInitialWindowSize(n int) Option {
 	return optionFunc(func(c *config) { c.settings.InitialWindowSize = n })
 }

@@ -30,6 +30,14 @@ type Identity struct {
 	// "system:serviceaccount:NAMESPACE:NAME". Empty when unauthenticated.
 	User   string
 	Groups []string
+	// UID and Extra complete the user's description for authorization
+	// (SubjectAccessReview). Optional.
+	UID   string
+	Extra map[string][]string
+	// ExpiresAt is when the credentials behind this identity expire; zero
+	// when unknown. The server drains the tunnel before then (see
+	// WithTokenExpiryMargin).
+	ExpiresAt time.Time
 	// Peer is the transport's view of the caller: address and TLS state.
 	Peer *peer.Peer
 }
@@ -79,6 +87,9 @@ func New(addr string, opts ...Option) (*Server, error) {
 		o.apply(&cfg)
 	}
 	if err := cfg.settings.Validate(); err != nil {
+		return nil, err
+	}
+	if err := cfg.security.err; err != nil {
 		return nil, err
 	}
 	if cfg.listener == nil {
@@ -247,9 +258,11 @@ func (s *Server) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		ConnectedAt: time.Now(),
 	}
 	t.Accept(inst.ID)
-	remove := s.reg.Add(inst, t)
+	remove := s.reg.Add(inst, s.handoff(inst.Name, t)) // handoff.go
 	lg.Info("plugin registered", "instance", inst.ID, "services", inst.Services)
+	stopLifetime := s.limitLifetime(t, id, lg) // security.go
 	<-t.Done()
+	stopLifetime()
 	remove()
 	t.Wait()
 	err = t.Err()

@@ -1,0 +1,206 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/go-logr/logr"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+
+	"github.com/guilhem/operator-plugin-framework/go/internal/tunnel"
+)
+
+// securityConfig holds what the options of this file set.
+type securityConfig struct {
+	err          error         // a WithTLS that could not load its files; New reports it
+	maxAge       time.Duration // 0: no limit
+	expiryMargin time.Duration // 0: defaultExpiryMargin
+}
+
+const (
+	// defaultExpiryMargin is how long before its credentials expire a
+	// tunnel is drained. A kubelet-projected token is refreshed once 80 %
+	// of its lifetime has passed (8 minutes into the shortest, 10-minute,
+	// lifetime), so a plugin that reconnects one minute before expiry
+	// finds a fresh token in its file.
+	defaultExpiryMargin = time.Minute
+	// minTunnelLife is the shortest time a tunnel is given before an
+	// expiry drain, unless its credentials expire sooner: a margin larger
+	// than what is left of a token makes the plugin reconnect every
+	// minTunnelLife instead of in a tight loop.
+	minTunnelLife = 2 * time.Second
+	// maxAgeJitter spreads the drains of tunnels opened together: a tunnel
+	// is drained between (1-maxAgeJitter)×max age and max age.
+	maxAgeJitter = 0.1
+)
+
+// WithTLS makes the server serve TLS with the certificate and private key in
+// these PEM files instead of plaintext. Both files are read again, and the
+// certificate replaced, whenever their content changes, so a certificate
+// renewed in place (a Secret volume updated by cert-manager, for example)
+// is served to new connections without a restart; established tunnels keep
+// the certificate they were opened with until they are drained. If a
+// renewed pair does not load (for example half-written), the previous one
+// is kept. New fails if the files cannot be loaded at all.
+//
+// Default: no TLS, which is fit for a unix socket, or for loopback TCP
+// behind kube-rbac-proxy (docs/security.md). It adds a grpc.Creds server
+// option: do not add another with WithGRPCServerOptions.
+func WithTLS(certFile, keyFile string) Option {
+	return optionFunc(func(c *config) {
+		r := &certReloader{certFile: certFile, keyFile: keyFile}
+		if _, err := r.certificate(); err != nil {
+			c.security.err = errors.Join(c.security.err, fmt.Errorf("plugin server TLS: %w", err))
+			return
+		}
+		c.grpcOptions = append(c.grpcOptions, grpc.Creds(credentials.NewTLS(&tls.Config{
+			MinVersion: tls.VersionTLS12,
+			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+				return r.certificate()
+			},
+		})))
+	})
+}
+
+// WithMaxTunnelAge bounds how long a tunnel lives: once it is d old (less
+// a random 0–10 % so that tunnels opened together do not all reconnect at
+// once), the server sends it a GoAway with code UNAVAILABLE and the reason
+// "tunnel reached its maximum age"; the plugin opens a new tunnel at once,
+// authenticated again with its current credentials, while the old one
+// finishes its calls within the drain timeout (WithDrainTimeout).
+//
+// Behind kube-rbac-proxy the server never sees the plugin's token, so this
+// is what bounds how long a tunnel outlives it: set it no longer than the
+// plugins' token lifetime. Default: no limit.
+func WithMaxTunnelAge(d time.Duration) Option {
+	return optionFunc(func(c *config) { c.security.maxAge = d })
+}
+
+// WithTokenExpiryMargin sets how long before its credentials expire
+// (Identity.ExpiresAt, set by the authenticator) a tunnel is drained the
+// same way as by WithMaxTunnelAge, with the reason "credentials expire
+// soon". A tunnel is never given less than 2 s unless its credentials
+// expire sooner, and its calls never outlast the credentials: the drain
+// closes the tunnel at the expiry at the latest. Default 1 minute.
+//
+// A margin close to the token lifetime makes tunnels short-lived: with
+// tokens of the shortest lifetime TokenRequest issues (600 s), a margin of
+// 597 s drains every tunnel about 3 s after it opened (the end-to-end tests
+// do this to see drains within seconds).
+func WithTokenExpiryMargin(d time.Duration) Option {
+	return optionFunc(func(c *config) { c.security.expiryMargin = d })
+}
+
+// limitLifetime schedules the drain of a registered tunnel at its maximum
+// age or before its credentials expire, whichever comes first. The returned
+// function cancels it, and waits for a drain in progress to return (the
+// tunnel must be closed by then).
+func (s *Server) limitLifetime(t *tunnel.Tunnel, id Identity, lg logr.Logger) (stop func()) {
+	now := time.Now()
+	delay, reason, ok := lifetime(now, id.ExpiresAt, s.cfg.security, rand.Float64())
+	if !ok {
+		return func() {}
+	}
+	// The drain may take the drain timeout, but calls never outlast the
+	// credentials.
+	deadline := now.Add(delay + s.cfg.drainTimeout)
+	if !id.ExpiresAt.IsZero() && id.ExpiresAt.Before(deadline) {
+		deadline = id.ExpiresAt
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	timer := time.AfterFunc(delay, func() {
+		defer wg.Done()
+		lg.Info("draining tunnel", "reason", reason)
+		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		defer cancel()
+		t.Drain(ctx, status.New(codes.Unavailable, reason))
+	})
+	return func() {
+		if timer.Stop() {
+			wg.Done()
+		}
+		wg.Wait()
+	}
+}
+
+// lifetime computes when a tunnel opened at now must be drained, and why.
+// ok is false when nothing limits it. jitter is a random number in [0, 1).
+func lifetime(now, expiresAt time.Time, cfg securityConfig, jitter float64) (delay time.Duration, reason string, ok bool) {
+	if cfg.maxAge > 0 {
+		delay = cfg.maxAge - time.Duration(float64(cfg.maxAge)*maxAgeJitter*jitter)
+		reason, ok = "tunnel reached its maximum age", true
+	}
+	if !expiresAt.IsZero() {
+		margin := cfg.expiryMargin
+		if margin <= 0 {
+			margin = defaultExpiryMargin
+		}
+		left := expiresAt.Sub(now)
+		d := max(left-margin, min(left/2, minTunnelLife), 0)
+		if !ok || d < delay {
+			delay, reason, ok = d, "credentials expire soon: reconnect with fresh ones", true
+		}
+	}
+	return delay, reason, ok
+}
+
+// certReloader serves a certificate read from files, reloaded when the
+// files change. Reading two small files per TLS handshake (one per tunnel)
+// costs little and, unlike a file watcher, sees every kind of update
+// (Kubernetes updates a Secret volume by swapping a symbolic link).
+type certReloader struct {
+	certFile, keyFile string
+
+	mu      sync.Mutex
+	certPEM []byte
+	keyPEM  []byte
+	cert    *tls.Certificate
+}
+
+func (r *certReloader) certificate() (*tls.Certificate, error) {
+	certPEM, err := os.ReadFile(r.certFile)
+	if err != nil {
+		return r.fallback(err)
+	}
+	keyPEM, err := os.ReadFile(r.keyFile)
+	if err != nil {
+		return r.fallback(err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cert != nil && bytes.Equal(certPEM, r.certPEM) && bytes.Equal(keyPEM, r.keyPEM) {
+		return r.cert, nil
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		if r.cert != nil {
+			// Probably a rotation half done: keep serving the old pair.
+			return r.cert, nil
+		}
+		return nil, err
+	}
+	r.certPEM, r.keyPEM, r.cert = certPEM, keyPEM, &cert
+	return r.cert, nil
+}
+
+// fallback keeps the loaded certificate when the files are briefly
+// unreadable (for example in the middle of a Secret volume update).
+func (r *certReloader) fallback(err error) (*tls.Certificate, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cert != nil {
+		return r.cert, nil
+	}
+	return nil, err
+}
