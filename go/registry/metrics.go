@@ -64,4 +64,3 @@ func (s *observedStream) RecvMsg(m any) error {
 	}
 	return err
 }
-

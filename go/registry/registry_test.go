@@ -87,7 +87,7 @@ func TestWatchCoalescesForSlowReaders(t *testing.T) {
 	// Many instances come and go before the watcher reads anything: only
 	// what is still true is queued.
 	for i := range 1000 {
-		remove := r.Add(Instance{ID: string(rune('a' + i%26)) + time.Now().String(), Name: "q"}, &conn{calls: &calls})
+		remove := r.Add(Instance{ID: string(rune('a'+i%26)) + time.Now().String(), Name: "q"}, &conn{calls: &calls})
 		remove()
 	}
 	r.Add(Instance{ID: "after", Name: "p"}, &conn{accepting: true, calls: &calls})
