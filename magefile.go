@@ -63,6 +63,17 @@ func Generate() error {
 	return sh.RunV(tool("buf"), "generate", "--template", "examples/buf.gen.yaml")
 }
 
+// Breaking checks proto/ for changes that break wire compatibility with a
+// git ref: $BUF_BREAKING_AGAINST, by default the main branch.
+func Breaking() error {
+	mg.Deps(Tools)
+	against := os.Getenv("BUF_BREAKING_AGAINST")
+	if against == "" {
+		against = ".git#branch=main"
+	}
+	return sh.RunV(tool("buf"), "breaking", "--against", against)
+}
+
 // Lint checks formatting, vet, staticcheck, buf lint, and that generated
 // code matches proto/.
 func Lint() error {
