@@ -130,14 +130,17 @@ func goModules() []string {
 }
 
 // Test runs lint and every test suite: the Go tests with the race detector
-// and goroutine-leak checks, then the end-to-end tests against real
-// Kubernetes components.
+// and goroutine-leak checks, the conformance suite against every SDK, and
+// the end-to-end tests against real Kubernetes components.
 func Test(ctx context.Context) error {
 	mg.SerialCtxDeps(ctx, Lint)
 	for _, dir := range goModules() {
 		if err := runIn(dir, nil, "go", "test", "-race", "-count=1", "-timeout=10m", "./..."); err != nil {
 			return err
 		}
+	}
+	if err := Conformance(ctx); err != nil {
+		return err
 	}
 	return E2E(ctx)
 }

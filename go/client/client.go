@@ -24,8 +24,8 @@ import (
 var ErrClosed = errors.New("plugin client closed")
 
 // Client keeps a plugin registered with an operator: it dials, registers,
-// serves the operator's calls, and reconnects with backoff whenever the
-// tunnel is lost or the operator asks it to go away.
+// serves the operator's calls, reconnects with backoff when the tunnel is
+// lost, and at once when the operator asks it to go away.
 type Client struct {
 	name string
 	cfg  config
@@ -223,8 +223,9 @@ func (c *Client) delay(attempt int) time.Duration {
 }
 
 var (
-	errGoAway           = errors.New("operator sent GoAway")
-	errHandshakeTimeout = errors.New("no answer to the registration before the handshake timeout")
+	errGoAway                   = errors.New("operator sent GoAway")
+	errGoAwayBeforeRegistration = errors.New("operator sent GoAway before answering the registration")
+	errHandshakeTimeout         = errors.New("no answer to the registration before the handshake timeout")
 )
 
 // session runs one tunnel: connect, register, serve. It returns when the
@@ -259,10 +260,25 @@ func (c *Client) session() (registered bool, err error) {
 		cancel(nil) // ends the gRPC stream, which unblocks the read loop
 	}()
 
-	ack, err := t.Registered(sctx)
+	// The wait for the answer also ends on Close and on a GoAway: the
+	// operator will not register this tunnel then.
+	rctx, rcancel := context.WithCancelCause(sctx)
+	go func() {
+		select {
+		case <-c.closing:
+			rcancel(ErrClosed)
+		case <-goAway:
+			rcancel(errGoAway)
+		case <-rctx.Done():
+		}
+	}()
+	ack, err := t.Registered(rctx)
+	rcancel(nil)
 	if err != nil {
-		if cause := context.Cause(sctx); errors.Is(cause, errHandshakeTimeout) {
+		if cause := context.Cause(rctx); errors.Is(cause, errHandshakeTimeout) || errors.Is(cause, ErrClosed) {
 			err = cause
+		} else if errors.Is(cause, errGoAway) {
+			err = errGoAwayBeforeRegistration
 		}
 		t.Close(status.Convert(err))
 		t.Wait()

@@ -1,0 +1,101 @@
+//go:build mage
+
+// The conformance suite (conformance/, docs/conformance.md): one suite of
+// tunnel cases, played against the plugin program of every SDK in the tree.
+
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// conformanceSDK is an SDK's plugin program under test: how to build it
+// and the command that runs it, from the repository root.
+type conformanceSDK struct {
+	name  string
+	dir   string // present when the SDK is in the tree
+	build func() error
+	cmd   func() (string, error)
+}
+
+// conformanceSDKs lists the SDKs the suite knows. Python and Rust are hooks
+// for when their SDKs land; docs/conformance.md describes what each must
+// provide.
+func conformanceSDKs() []conformanceSDK {
+	return []conformanceSDK{
+		{
+			name: "go",
+			dir:  "go",
+			build: func() error {
+				return runIn("conformance", nil, "go", "build", "-o", absPath(binDir, "conformance-plugin-go"), "./plugins/go")
+			},
+			cmd: func() (string, error) { return absPath(binDir, "conformance-plugin-go"), nil },
+		},
+		{
+			name: "python",
+			dir:  filepath.Join("sdk", "python"),
+			cmd: func() (string, error) {
+				script := absPath("sdk", "python", "conformance_plugin.py")
+				if _, err := os.Stat(script); err != nil {
+					return "", fmt.Errorf("sdk/python has no conformance_plugin.py (docs/conformance.md, \"Adding an SDK\"): %w", err)
+				}
+				return "python3 " + script, nil
+			},
+		},
+		{
+			name: "rust",
+			dir:  filepath.Join("sdk", "rust"),
+			build: func() error {
+				return runIn(".", nil, "cargo", "build", "--release", "--manifest-path", "sdk/rust/Cargo.toml", "--bin", "conformance-plugin")
+			},
+			cmd: func() (string, error) {
+				return absPath("sdk", "rust", "target", "release", "conformance-plugin"), nil
+			},
+		},
+	}
+}
+
+// Conformance builds the conformance runner and the plugin program of every
+// SDK present in the tree (go, and sdk/python, sdk/rust once they exist),
+// then runs the suite against all of them. CONFORMANCE_FLAGS adds runner
+// flags, for example CONFORMANCE_FLAGS='--run ^raw- -v'.
+func Conformance(ctx context.Context) error {
+	if err := os.MkdirAll(binDir, 0o755); err != nil {
+		return err
+	}
+	runner := absPath(binDir, "conformance")
+	if err := runIn("conformance", nil, "go", "build", "-o", runner, "./cmd/conformance"); err != nil {
+		return err
+	}
+	var args []string
+	for _, sdk := range conformanceSDKs() {
+		if _, err := os.Stat(sdk.dir); errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if sdk.build != nil {
+			if err := sdk.build(); err != nil {
+				return fmt.Errorf("building the %s plugin under test: %w", sdk.name, err)
+			}
+		}
+		cmd, err := sdk.cmd()
+		if err != nil {
+			return err
+		}
+		args = append(args, "--plugin-cmd", sdk.name+"="+cmd)
+	}
+	args = append(args, strings.Fields(os.Getenv("CONFORMANCE_FLAGS"))...)
+	if err := runIn(".", nil, runner, args...); err != nil {
+		return errors.New("conformance suite failed")
+	}
+	return nil
+}
+
+func absPath(elem ...string) string {
+	p, _ := filepath.Abs(filepath.Join(elem...))
+	return p
+}
