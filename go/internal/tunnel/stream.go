@@ -58,10 +58,9 @@ type stream struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 
-	maxRecv  int   // largest message accepted
-	maxSend  int   // largest message sent
-	maxChunk int   // largest chunk sent
-	window   int64 // the peer's initial window
+	maxRecv  int // largest message accepted
+	maxSend  int // largest message sent
+	maxChunk int // largest chunk sent
 
 	// Guarded by t.w.mu: frames waiting for the write loop.
 	out     []outFrame
@@ -98,7 +97,6 @@ func newStream(t *Tunnel, id uint64, method string, caller bool, ctx context.Con
 		maxRecv:    t.local.MaxMessageSize,
 		maxSend:    t.peer.MaxMessageSize,
 		maxChunk:   t.chunk,
-		window:     int64(t.peer.InitialWindowSize),
 		send:       sendWindow{avail: int64(t.peer.InitialWindowSize)},
 		recv:       newRecvWindow(t.local.InitialWindowSize),
 		recvNotify: make(chan struct{}, 1),
@@ -163,12 +161,11 @@ func (s *stream) sendErrorLocked() error {
 }
 
 // takeCredit waits until the peer has granted credit and takes up to want
-// bytes of it. A chunk of at most three quarters of the window waits for
-// credit for all of it, so that the message is not split and reassembled:
-// a receiver returns credit by the quarter window, so that much always
-// comes back.
+// bytes of it. It takes what there is rather than waiting for all of it:
+// keeping data flowing is worth more than the copy a split message costs
+// the receiver (measured: about a fifth of the throughput of 1 MiB
+// messages).
 func (s *stream) takeCredit(want int) (int, error) {
-	whole := int64(want) <= s.window*3/4
 	for {
 		s.mu.Lock()
 		if !s.canSend() {
@@ -176,10 +173,7 @@ func (s *stream) takeCredit(want int) (int, error) {
 			s.mu.Unlock()
 			return 0, err
 		}
-		n := 0
-		if !whole || s.send.avail >= int64(want) {
-			n = s.send.take(want)
-		}
+		n := s.send.take(want)
 		s.mu.Unlock()
 		if n > 0 {
 			return n, nil
