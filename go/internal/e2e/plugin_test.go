@@ -21,14 +21,21 @@ import (
 	"google.golang.org/grpc/status"
 
 	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
+	"github.com/guilhem/operator-plugin-framework/go/internal/testservice"
 )
 
-// testService implements grpc.testing.TestService and records the issuer
-// of the operator's certificate each call came through.
+// testService serves grpc.testing.TestService and records the issuer of
+// the operator's certificate each call came through.
 type testService struct {
-	testgrpc.UnimplementedTestServiceServer
+	testservice.Service
 	mu      sync.Mutex
 	issuers map[string]int
+}
+
+func newTestService() *testService {
+	s := &testService{}
+	s.Observe = s.seen
+	return s
 }
 
 func (s *testService) seen(ctx context.Context) {
@@ -58,64 +65,7 @@ func (s *testService) issuerCounts() map[string]int {
 	return out
 }
 
-func payload(n int32) *testgrpc.Payload { return &testgrpc.Payload{Body: make([]byte, n)} }
-
-func (s *testService) EmptyCall(ctx context.Context, _ *testgrpc.Empty) (*testgrpc.Empty, error) {
-	s.seen(ctx)
-	return &testgrpc.Empty{}, nil
-}
-
-func (s *testService) UnaryCall(ctx context.Context, in *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
-	s.seen(ctx)
-	md, _ := metadata.FromIncomingContext(ctx)
-	if v := md.Get("x-echo"); len(v) > 0 {
-		_ = grpc.SetHeader(ctx, metadata.Pairs("x-echo", v[0]))
-	}
-	return &testgrpc.SimpleResponse{Payload: payload(in.ResponseSize)}, nil
-}
-
-func (s *testService) StreamingOutputCall(in *testgrpc.StreamingOutputCallRequest, stream testgrpc.TestService_StreamingOutputCallServer) error {
-	s.seen(stream.Context())
-	for _, p := range in.ResponseParameters {
-		if err := stream.Send(&testgrpc.StreamingOutputCallResponse{Payload: payload(p.Size)}); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (s *testService) StreamingInputCall(stream testgrpc.TestService_StreamingInputCallServer) error {
-	s.seen(stream.Context())
-	var total int32
-	for {
-		in, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
-			return stream.SendAndClose(&testgrpc.StreamingInputCallResponse{AggregatedPayloadSize: total})
-		}
-		if err != nil {
-			return err
-		}
-		total += int32(len(in.GetPayload().GetBody()))
-	}
-}
-
-func (s *testService) FullDuplexCall(stream testgrpc.TestService_FullDuplexCallServer) error {
-	s.seen(stream.Context())
-	for {
-		in, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		for _, p := range in.ResponseParameters {
-			if err := stream.Send(&testgrpc.StreamingOutputCallResponse{Payload: payload(p.Size)}); err != nil {
-				return err
-			}
-		}
-	}
-}
+var payload = testservice.Payload
 
 // everyKind makes one call of each RPC kind through c and checks the
 // answers.

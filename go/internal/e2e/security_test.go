@@ -233,7 +233,7 @@ func testMode(t *testing.T, c *cluster, tk *tokens, start func(*testing.T, *clus
 			t.Fatal(err)
 		}
 		errs := &errorLog{}
-		p := newPlugin(t, ep, pluginName, bad, &testService{}, errs.logger())
+		p := newPlugin(t, ep, pluginName, bad, newTestService(), errs.logger())
 		ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
 		defer cancel()
 		if err := p.Ready(ctx); err == nil {
@@ -246,7 +246,7 @@ func testMode(t *testing.T, c *cluster, tk *tokens, start func(*testing.T, *clus
 	})
 
 	t.Run("the allowed plugin serves every kind of call", func(t *testing.T) {
-		p := newPlugin(t, ep, pluginName, tk.goodFile, &testService{}, logr.Discard())
+		p := newPlugin(t, ep, pluginName, tk.goodFile, newTestService(), logr.Discard())
 		waitReady(t, p)
 		insts := ep.srv.GetRegistry().Plugin(pluginName).Instances()
 		if len(insts) != 1 || insts[0].Identity != pluginUser || insts[0].ID != p.InstanceID() {
@@ -272,7 +272,7 @@ func testMode(t *testing.T, c *cluster, tk *tokens, start func(*testing.T, *clus
 			}
 			// A real plugin of the intruder, under the same name.
 			errs := &errorLog{}
-			intruder := newPlugin(t, ep, pluginName, tk.intruderFile, &testService{}, errs.logger())
+			intruder := newPlugin(t, ep, pluginName, tk.intruderFile, newTestService(), errs.logger())
 			ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
 			defer cancel()
 			if err := intruder.Ready(ctx); err == nil {
@@ -447,7 +447,7 @@ func expiryDrainBuiltIn(t *testing.T, c *cluster) {
 	defer cancel()
 	tokenFile := filepath.Join(t.TempDir(), "token")
 	issued := kubelet(ctx, t, c, tokenFile, time.Second)
-	svc := &testService{}
+	svc := newTestService()
 	plugin := newPlugin(t, ep, pluginName, tokenFile, svc, logr.Discard())
 	waitReady(t, plugin)
 
@@ -504,7 +504,7 @@ func maxAgeBehindProxy(t *testing.T, c *cluster) {
 	tokenFile := filepath.Join(t.TempDir(), "token")
 	issued := kubelet(ctx, t, c, tokenFile, time.Second)
 	errs := &errorLog{}
-	plugin := newPlugin(t, ep, pluginName, tokenFile, &testService{}, errs.logger())
+	plugin := newPlugin(t, ep, pluginName, tokenFile, newTestService(), errs.logger())
 	waitReady(t, plugin)
 	l := runLoad(ctx, ep.srv.GetRegistry())
 	issued()

@@ -200,7 +200,7 @@ func TestMetadata(t *testing.T) {
 func TestDeadlineReachesHandler(t *testing.T) {
 	op := startOperator(t)
 	seen := make(chan time.Duration, 1)
-	op.plugin(t, "p", &testService{onEmpty: func(ctx context.Context) error {
+	op.plugin(t, "p", &testService{OnEmpty: func(ctx context.Context) error {
 		dl, ok := ctx.Deadline()
 		if !ok {
 			seen <- -1
@@ -228,7 +228,7 @@ func TestCancelReachesHandler(t *testing.T) {
 	op := startOperator(t)
 	started := make(chan struct{})
 	cancelled := make(chan error, 1)
-	op.plugin(t, "p", &testService{onEmpty: func(ctx context.Context) error {
+	op.plugin(t, "p", &testService{OnEmpty: func(ctx context.Context) error {
 		close(started)
 		select {
 		case <-ctx.Done():
@@ -294,7 +294,7 @@ func TestUnimplemented(t *testing.T) {
 
 func TestHandlerPanic(t *testing.T) {
 	op := startOperator(t)
-	op.plugin(t, "p", &testService{onEmpty: func(context.Context) error { panic("boom") }})
+	op.plugin(t, "p", &testService{OnEmpty: func(context.Context) error { panic("boom") }})
 	c := op.call(t, "p")
 	_, err := c.EmptyCall(ctxTimeout(t, 5*time.Second), &testgrpc.Empty{})
 	wantCode(t, err, codes.Internal)
@@ -419,7 +419,7 @@ func TestDeadlineCountsTheWaitForASlot(t *testing.T) {
 	op := startOperator(t)
 	release := make(chan struct{})
 	seen := make(chan time.Duration, 2)
-	op.plugin(t, "p", &testService{onEmpty: func(ctx context.Context) error {
+	op.plugin(t, "p", &testService{OnEmpty: func(ctx context.Context) error {
 		dl, _ := ctx.Deadline()
 		seen <- time.Until(dl)
 		<-release

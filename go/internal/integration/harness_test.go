@@ -4,26 +4,21 @@ package integration_test
 
 import (
 	"context"
-	"errors"
-	"io"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/go-logr/logr"
 	"go.uber.org/goleak"
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/guilhem/operator-plugin-framework/go/client"
+	"github.com/guilhem/operator-plugin-framework/go/internal/testservice"
 	"github.com/guilhem/operator-plugin-framework/go/registry"
 	"github.com/guilhem/operator-plugin-framework/go/server"
 )
@@ -132,118 +127,13 @@ func wantCode(t testing.TB, err error, code codes.Code) {
 	}
 }
 
-// testService implements grpc.testing.TestService. Payload sizes, statuses
-// and intervals come from the requests, as in gRPC's interop tests; hooks
-// let a test observe or stall the handler.
-type testService struct {
-	testgrpc.UnimplementedTestServiceServer
-	// onEmpty runs in EmptyCall.
-	onEmpty func(ctx context.Context) error
-}
+// The service every test plugin serves, and its helpers.
+type testService = testservice.Service
 
-func payload(n int32) *testgrpc.Payload {
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(i)
-	}
-	return &testgrpc.Payload{Body: b}
-}
-
-// echoMetadata sends back as headers the request metadata keys starting
-// with "x-echo-", and as trailers those starting with "x-trail-".
-func echoMetadata(ctx context.Context) {
-	md, _ := metadata.FromIncomingContext(ctx)
-	for k, vs := range md {
-		switch {
-		case strings.HasPrefix(k, "x-echo-"):
-			grpc.SetHeader(ctx, metadata.MD{k: vs})
-		case strings.HasPrefix(k, "x-trail-"):
-			grpc.SetTrailer(ctx, metadata.MD{k: vs})
-		}
-	}
-}
-
-func statusErr(s *testgrpc.EchoStatus) error {
-	if s == nil || s.Code == 0 {
-		return nil
-	}
-	st := status.New(codes.Code(s.Code), s.Message)
-	if withDetails, err := st.WithDetails(&errdetails.ErrorInfo{Reason: "TEST", Domain: "example.com", Metadata: map[string]string{"k": "v"}}); err == nil {
-		st = withDetails
-	}
-	return st.Err()
-}
-
-func (s *testService) EmptyCall(ctx context.Context, _ *testgrpc.Empty) (*testgrpc.Empty, error) {
-	if s.onEmpty != nil {
-		if err := s.onEmpty(ctx); err != nil {
-			return nil, err
-		}
-	}
-	return &testgrpc.Empty{}, nil
-}
-
-func (s *testService) UnaryCall(ctx context.Context, in *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
-	echoMetadata(ctx)
-	if err := statusErr(in.ResponseStatus); err != nil {
-		return nil, err
-	}
-	return &testgrpc.SimpleResponse{Payload: payload(in.ResponseSize)}, nil
-}
-
-func (s *testService) StreamingOutputCall(in *testgrpc.StreamingOutputCallRequest, stream testgrpc.TestService_StreamingOutputCallServer) error {
-	echoMetadata(stream.Context())
-	for _, p := range in.ResponseParameters {
-		time.Sleep(time.Duration(p.IntervalUs) * time.Microsecond)
-		if err := stream.Send(&testgrpc.StreamingOutputCallResponse{Payload: payload(p.Size)}); err != nil {
-			return err
-		}
-	}
-	return statusErr(in.ResponseStatus)
-}
-
-func (s *testService) StreamingInputCall(stream testgrpc.TestService_StreamingInputCallServer) error {
-	var total int32
-	for {
-		in, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
-			return stream.SendAndClose(&testgrpc.StreamingInputCallResponse{AggregatedPayloadSize: total})
-		}
-		if err != nil {
-			return err
-		}
-		total += int32(len(in.GetPayload().GetBody()))
-	}
-}
-
-func (s *testService) FullDuplexCall(stream testgrpc.TestService_FullDuplexCallServer) error {
-	echoMetadata(stream.Context())
-	for {
-		in, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		if err := statusErr(in.ResponseStatus); err != nil {
-			return err
-		}
-		for _, p := range in.ResponseParameters {
-			if err := stream.Send(&testgrpc.StreamingOutputCallResponse{Payload: payload(p.Size)}); err != nil {
-				return err
-			}
-		}
-	}
-}
-
-func sizes(n ...int32) []*testgrpc.ResponseParameters {
-	out := make([]*testgrpc.ResponseParameters, len(n))
-	for i, s := range n {
-		out[i] = &testgrpc.ResponseParameters{Size: s}
-	}
-	return out
-}
+var (
+	payload = testservice.Payload
+	sizes   = testservice.Sizes
+)
 
 func must[T any](t testing.TB) func(T, error) T {
 	return func(v T, err error) T {

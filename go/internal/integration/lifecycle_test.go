@@ -112,7 +112,7 @@ func TestHeartbeatDetectsHungPlugin(t *testing.T) {
 	fr, target := newFreezer(t, strings.TrimPrefix(op.target, "unix://"))
 	started := make(chan struct{}, 1)
 	c, err := client.New(context.Background(), "p", target, "v1", &testgrpc.TestService_ServiceDesc,
-		&testService{onEmpty: blocker(started, nil)})
+		&testService{OnEmpty: blocker(started, nil)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +143,7 @@ func TestOperatorShutdownDrainsAndPluginReconnects(t *testing.T) {
 	op1 := startOperatorAt(t, path)
 	started := make(chan struct{}, 1)
 	release := make(chan struct{})
-	op1.plugin(t, "p", &testService{onEmpty: blocker(started, release)},
+	op1.plugin(t, "p", &testService{OnEmpty: blocker(started, release)},
 		client.WithBackoff(fastBackoff))
 	call := op1.call(t, "p")
 	errc := make(chan error, 1)
@@ -180,12 +180,12 @@ var fastBackoff = backoffConfig(20*time.Millisecond, 200*time.Millisecond)
 func TestInstancesShareTheLoad(t *testing.T) {
 	op := startOperator(t)
 	var calls [2]atomic.Int32
-	a := op.plugin(t, "p", &testService{onEmpty: func(context.Context) error {
+	a := op.plugin(t, "p", &testService{OnEmpty: func(context.Context) error {
 		calls[0].Add(1)
 		time.Sleep(5 * time.Millisecond)
 		return nil
 	}})
-	op.plugin(t, "p", &testService{onEmpty: func(context.Context) error {
+	op.plugin(t, "p", &testService{OnEmpty: func(context.Context) error {
 		calls[1].Add(1)
 		time.Sleep(5 * time.Millisecond)
 		return nil
@@ -281,7 +281,7 @@ func TestPluginCloseDrains(t *testing.T) {
 	op := startOperator(t)
 	started := make(chan struct{}, 1)
 	release := make(chan struct{})
-	c := op.plugin(t, "p", &testService{onEmpty: blocker(started, release)})
+	c := op.plugin(t, "p", &testService{OnEmpty: blocker(started, release)})
 	call := op.call(t, "p")
 	errc := make(chan error, 1)
 	go func() {
