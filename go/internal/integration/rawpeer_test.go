@@ -549,3 +549,24 @@ func TestRawOperatorRejectWithoutCode(t *testing.T) {
 		t.Fatalf("Ready: %v, want a PermissionDenied refusal", err)
 	}
 }
+
+func TestRawOperatorUnansweredRegistration(t *testing.T) {
+	next, c := startRawTarget(t)
+	// A GoAway before the answer ends the attempt: the plugin retries after
+	// its backoff, not after its 10 s handshake timeout.
+	p := next(t)
+	accept(p, &pb.Settings{})
+	p.sendFrames(&pb.Frame{Kind: &pb.Frame_GoAway{GoAway: &pb.GoAway{Reason: status.New(codes.Unavailable, "draining").Proto()}}})
+	start := time.Now()
+	p = next(t)
+	if el := time.Since(start); el > 2*time.Second {
+		t.Fatalf("new attempt after %v", el)
+	}
+	// Close does not wait for an answer that may never come.
+	accept(p, &pb.Settings{})
+	start = time.Now()
+	c.Close()
+	if el := time.Since(start); el > 2*time.Second {
+		t.Fatalf("Close took %v with the registration unanswered", el)
+	}
+}
