@@ -15,7 +15,14 @@ import (
 // ErrNotFound is returned by Get when no instance of a plugin is connected.
 var ErrNotFound = errors.New("plugin not connected")
 
-// Conn is one instance's tunnel, as the registry needs it.
+// ErrRefused is what a Conn's error wraps when the Conn turned a call away
+// before sending any of it: it stopped accepting calls (it began to drain,
+// or closed) between the registry's choice and the call. The call cannot
+// have run, so the registry chooses another instance for it.
+var ErrRefused = errors.New("plugin instance no longer accepts calls")
+
+// Conn is one instance's tunnel, as the registry needs it. A call it turns
+// away without sending any of it fails with an error wrapping ErrRefused.
 type Conn interface {
 	grpc.ClientConnInterface
 	// InFlight is the number of calls open on the tunnel.
@@ -181,25 +188,42 @@ func (p *PluginProvider) Instances() []Instance {
 	return out
 }
 
+// maxRefusals bounds how often one call is sent elsewhere after an
+// instance refused it (each refusal comes from a different instance, which
+// the registry no longer picks).
+const maxRefusals = 8
+
 // Invoke performs a unary call on the least busy instance.
 func (p *PluginProvider) Invoke(ctx context.Context, method string, args, reply any, opts ...grpc.CallOption) (err error) {
 	start := time.Now()
 	defer func() { observe(p.name, method, start, err) }()
-	c, err := p.pick(ctx, waitForReady(opts))
-	if err != nil {
-		return err
+	for range maxRefusals {
+		var c Conn
+		if c, err = p.pick(ctx, waitForReady(opts)); err != nil {
+			return err
+		}
+		if err = c.Invoke(ctx, method, args, reply, opts...); !errors.Is(err, ErrRefused) {
+			return err
+		}
 	}
-	return c.Invoke(ctx, method, args, reply, opts...)
+	return err
 }
 
 // NewStream opens a streaming call on the least busy instance.
 func (p *PluginProvider) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
 	start := time.Now()
-	c, err := p.pick(ctx, waitForReady(opts))
-	if err == nil {
+	var err error
+	for range maxRefusals {
+		var c Conn
+		if c, err = p.pick(ctx, waitForReady(opts)); err != nil {
+			break
+		}
 		var cs grpc.ClientStream
 		if cs, err = c.NewStream(ctx, desc, method, opts...); err == nil {
 			return &observedStream{ClientStream: cs, plugin: p.name, method: method, start: start}, nil
+		}
+		if !errors.Is(err, ErrRefused) {
+			break
 		}
 	}
 	observe(p.name, method, start, err)

@@ -2,6 +2,7 @@ package registry
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -19,17 +20,25 @@ type conn struct {
 	name      string
 	inFlight  int
 	accepting bool
+	refuse    bool // starts draining just as a call comes
 	calls     *[]string
 }
 
-func (c *conn) Invoke(_ context.Context, _ string, _, _ any, _ ...grpc.CallOption) error {
+func (c *conn) call() error {
 	*c.calls = append(*c.calls, c.name)
+	if c.refuse {
+		c.accepting = false
+		return fmt.Errorf("draining: %w", ErrRefused)
+	}
 	return nil
 }
 
+func (c *conn) Invoke(_ context.Context, _ string, _, _ any, _ ...grpc.CallOption) error {
+	return c.call()
+}
+
 func (c *conn) NewStream(context.Context, *grpc.StreamDesc, string, ...grpc.CallOption) (grpc.ClientStream, error) {
-	*c.calls = append(*c.calls, c.name)
-	return nil, nil
+	return nil, c.call()
 }
 
 func (c *conn) InFlight() int   { return c.inFlight }
@@ -61,6 +70,24 @@ func TestPickLeastBusyThenNewest(t *testing.T) {
 	young.accepting = false
 	if err := p.Invoke(ctx, "/s/m", nil, nil); status.Code(err) != codes.Unavailable {
 		t.Fatalf("no accepting instance: %v, want UNAVAILABLE", err)
+	}
+}
+
+func TestRefusedCallsGoElsewhere(t *testing.T) {
+	r := New()
+	var calls []string
+	r.Add(Instance{ID: "1", Name: "p"}, &conn{name: "steady", accepting: true, calls: &calls})
+	r.Add(Instance{ID: "2", Name: "p"}, &conn{name: "draining", accepting: true, refuse: true, calls: &calls})
+	p := r.Plugin("p")
+	if err := p.Invoke(context.Background(), "/s/m", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.NewStream(context.Background(), &grpc.StreamDesc{}, "/s/m"); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"draining", "steady", "steady"}
+	if fmt.Sprint(calls) != fmt.Sprint(want) {
+		t.Fatalf("calls went to %v, want %v", calls, want)
 	}
 }
 

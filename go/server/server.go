@@ -258,7 +258,7 @@ func (s *Server) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		ConnectedAt: time.Now(),
 	}
 	t.Accept(inst.ID)
-	remove := s.reg.Add(inst, s.handoff(inst.Name, t)) // handoff.go
+	remove := s.reg.Add(inst, t)
 	lg.Info("plugin registered", "instance", inst.ID, "services", inst.Services)
 	stopLifetime := s.limitLifetime(t, id, lg) // security.go
 	<-t.Done()

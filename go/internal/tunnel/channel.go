@@ -16,6 +16,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/guilhem/operator-plugin-framework/go/registry"
 )
 
 // The caller side: a Tunnel is a grpc.ClientConnInterface, so generated
@@ -155,16 +157,25 @@ func (t *Tunnel) acceptingErr() (chan struct{}, error) {
 	case t.err != nil:
 		return nil, t.unavailable()
 	case t.phase != phaseReady:
-		return nil, status.Error(codes.Unavailable, "plugin tunnel is not registered")
+		return nil, refused("plugin tunnel is not registered")
 	case t.goingAway || t.peerGoAway:
-		return nil, status.Error(codes.Unavailable, "plugin tunnel is draining")
+		return nil, refused("plugin tunnel is draining")
 	}
 	return t.slots, nil
 }
 
-func (t *Tunnel) unavailable() error {
-	return status.Error(codes.Unavailable, "plugin tunnel closed")
-}
+func (t *Tunnel) unavailable() error { return refused("plugin tunnel closed") }
+
+// refusedError is an UNAVAILABLE status for a call turned away before any
+// of it was sent. It matches registry.ErrRefused, so that the registry
+// sends the call to another instance: the call cannot have run.
+type refusedError struct{ st *status.Status }
+
+func refused(msg string) error { return refusedError{status.New(codes.Unavailable, msg)} }
+
+func (e refusedError) Error() string              { return e.st.Err().Error() }
+func (e refusedError) GRPCStatus() *status.Status { return e.st }
+func (e refusedError) Unwrap() error              { return registry.ErrRefused }
 
 var unaryDesc = &grpc.StreamDesc{}
 
