@@ -17,6 +17,9 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/guilhem/operator-plugin-framework/go/registry"
 )
 
@@ -82,14 +85,31 @@ func (t *Tunnel) callInfo(opts []grpc.CallOption) (*callInfo, error) {
 // Ids are assigned and Opens queued under one lock, so that they leave in
 // increasing order; Opens travel with control frames, which always leave
 // before stream data. The write loop is not woken: the caller queues more.
-func (t *Tunnel) open(ctx context.Context, method string, ci *callInfo) (*stream, error) {
+func (t *Tunnel) open(ctx context.Context, method string, ci *callInfo) (*stream, trace.Span, error) {
+	if !validMethod(method) {
+		return nil, nil, status.Errorf(codes.Internal, "malformed method name %q", method)
+	}
+	ctx, span := startSpan(ctx, method, trace.SpanKindClient)
+	s, err := t.openSpan(ctx, method, ci)
+	if err != nil {
+		endSpan(span, status.Convert(err))
+		return nil, nil, err
+	}
+	return s, span, nil
+}
+
+// openSpan is open within the call's span.
+func (t *Tunnel) openSpan(ctx context.Context, method string, ci *callInfo) (*stream, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, status.FromContextError(err).Err()
 	}
-	if !validMethod(method) {
-		return nil, status.Errorf(codes.Internal, "malformed method name %q", method)
+	md, _ := metadata.FromOutgoingContext(ctx) // a copy: ours to change
+	if prop := otel.GetTextMapPropagator(); len(prop.Fields()) > 0 {
+		if md == nil {
+			md = metadata.MD{}
+		}
+		prop.Inject(ctx, MetadataCarrier(md))
 	}
-	md, _ := metadata.FromOutgoingContext(ctx)
 	for _, c := range ci.creds {
 		extra, err := c.GetRequestMetadata(ctx, method)
 		if err != nil {
@@ -195,14 +215,14 @@ func (t *Tunnel) Invoke(ctx context.Context, method string, args, reply any, opt
 		}
 		return status.Errorf(codes.ResourceExhausted, "trying to send message larger than max (%d vs. %d)", len(data), ci.maxSend)
 	}
-	s, err := t.open(ctx, method, ci)
+	s, span, err := t.open(ctx, method, ci)
 	if err != nil {
 		if buf != nil {
 			buf.Free()
 		}
 		return err
 	}
-	cs := newClientStream(s, unaryDesc, ci)
+	cs := newClientStream(s, unaryDesc, ci, span)
 	// Open, request and half-close leave together, in one batch.
 	last, err := s.writeMessage(nil, data, buf)
 	if err != nil && !errors.Is(err, io.EOF) {
@@ -226,12 +246,12 @@ func (t *Tunnel) NewStream(ctx context.Context, desc *grpc.StreamDesc, method st
 	if err != nil {
 		return nil, err
 	}
-	s, err := t.open(ctx, method, ci)
+	s, span, err := t.open(ctx, method, ci)
 	if err != nil {
 		return nil, err
 	}
 	t.w.signal()
-	return newClientStream(s, desc, ci), nil
+	return newClientStream(s, desc, ci, span), nil
 }
 
 // clientStream is a call as its caller sees it.
@@ -239,14 +259,15 @@ type clientStream struct {
 	s          *stream
 	desc       *grpc.StreamDesc
 	ci         *callInfo
+	span       trace.Span
 	stop       func() bool // unregisters the cancellation hook
 	finishOnce sync.Once
 }
 
 var _ grpc.ClientStream = (*clientStream)(nil)
 
-func newClientStream(s *stream, desc *grpc.StreamDesc, ci *callInfo) *clientStream {
-	cs := &clientStream{s: s, desc: desc, ci: ci}
+func newClientStream(s *stream, desc *grpc.StreamDesc, ci *callInfo, span trace.Span) *clientStream {
+	cs := &clientStream{s: s, desc: desc, ci: ci, span: span}
 	cs.stop = context.AfterFunc(s.ctx, func() {
 		s.abort(status.FromContextError(s.ctx.Err()))
 	})
@@ -356,5 +377,6 @@ func (cs *clientStream) finish(err error) {
 		for _, f := range cs.ci.onFinish {
 			f(err)
 		}
+		endSpan(cs.span, status.Convert(err))
 	})
 }

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -94,6 +96,8 @@ func (d *Dispatcher) Services() []string {
 // start runs the handler of a stream the peer opened, in its own goroutine.
 func (d *Dispatcher) start(s *stream, md metadata.MD, timeout time.Duration) {
 	ctx := metadata.NewIncomingContext(s.t.ctx, md)
+	ctx = otel.GetTextMapPropagator().Extract(ctx, MetadataCarrier(md))
+	ctx, span := startSpan(ctx, s.method, trace.SpanKindServer)
 	var cancelTimeout context.CancelFunc = func() {}
 	if timeout > 0 {
 		ctx, cancelTimeout = context.WithTimeout(ctx, timeout)
@@ -106,7 +110,9 @@ func (d *Dispatcher) start(s *stream, md metadata.MD, timeout time.Duration) {
 		defer cancelTimeout()
 		defer cancel(nil)
 		defer s.t.removeStream(s)
-		ss.finish(d.serve(ctx, ss))
+		err := d.serve(ctx, ss)
+		ss.finish(err)
+		endSpan(span, handlerStatus(err))
 	}()
 }
 
