@@ -40,7 +40,6 @@ type Client struct {
 	draining  sync.WaitGroup // tunnels finishing their calls after a GoAway
 
 	mu       sync.Mutex
-	current  *tunnel.Tunnel
 	instance string
 	ready    chan struct{} // closed while registered
 	lastErr  error
@@ -313,7 +312,7 @@ func (c *Client) session() (registered bool, err error) {
 func (c *Client) setRegistered(t *tunnel.Tunnel, instance string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.current, c.instance = t, instance
+	c.instance = instance
 	if t != nil {
 		close(c.ready)
 	} else {
