@@ -41,17 +41,26 @@ const (
 //     the call with the context's status (CANCELLED or DEADLINE_EXCEEDED);
 //  3. wait_for_cancel: wait until the call is cancelled or its deadline
 //     passes, then end the call with the context's status;
-//  4. responses: Unary sends its one response; ServerStream and BidiStream
-//     send response_count messages, waiting message_interval before each
-//     one after the first;
+//  4. responses: Unary prepares its one response; ServerStream and
+//     BidiStream send response_count messages (or one per response_sizes
+//     entry), waiting message_interval before each one after the first;
 //  5. panic: panic (Go, Rust) or raise an exception (Python), from the
 //     handler's own thread or task;
 //  6. trailers: set as the response trailers;
 //  7. fail: end the call with this status, details included (code OK, or an
-//     unset fail, ends the call normally).
+//     unset fail, ends the call normally). A Unary or ClientStream call that
+//     fails sends no response message at all, as a gRPC handler that
+//     returns an error does; a streaming call keeps the messages it sent.
 //
-// A handler that set record_key records its Observation when it returns,
-// whichever way it returns.
+// Generated payloads: message k of a call's responses (k is the index of
+// the message in the whole call, from 0) holds, at offset i, the byte
+// i % 256 when seed is 0. When seed is not 0 it holds the byte at offset i
+// of the concatenation of SHA-256(seed as 8 bytes big-endian || k as 4
+// bytes big-endian || j as 4 bytes big-endian) for j = 0, 1, 2, ...
+//
+// A handler records its Observation once, when it returns, whichever way
+// it returns, under every non-empty record_key that the actions of its
+// requests set (a streaming call's requests may name several keys).
 type Action struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Size of each response payload. 0 echoes the request's payload.
@@ -75,8 +84,18 @@ type Action struct {
 	Panic bool `protobuf:"varint,9,opt,name=panic,proto3" json:"panic,omitempty"`
 	// Record this call's Observation under this key (see GetObservation).
 	RecordKey string `protobuf:"bytes,10,opt,name=record_key,json=recordKey,proto3" json:"record_key,omitempty"`
-	// Put this call's Observation in the first response (or the only one).
-	Observe       bool `protobuf:"varint,11,opt,name=observe,proto3" json:"observe,omitempty"`
+	// Put this call's Observation, as it is at that moment, in the first
+	// response message this action sends (Unary: its response; ClientStream:
+	// the response, when the first request's action sets it; BidiStream: the
+	// first response this request's action sends).
+	Observe bool `protobuf:"varint,11,opt,name=observe,proto3" json:"observe,omitempty"`
+	// Sizes of the response messages, one message each, in order. When set,
+	// ServerStream and BidiStream send len(response_sizes) messages and Unary
+	// and ClientStream use the first entry as their response's size;
+	// response_size and response_count are then ignored.
+	ResponseSizes []uint32 `protobuf:"varint,12,rep,packed,name=response_sizes,json=responseSizes,proto3" json:"response_sizes,omitempty"`
+	// Seed of generated payloads (see Action): 0 for the i % 256 pattern.
+	Seed          uint64 `protobuf:"varint,13,opt,name=seed,proto3" json:"seed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -188,6 +207,20 @@ func (x *Action) GetObserve() bool {
 	return false
 }
 
+func (x *Action) GetResponseSizes() []uint32 {
+	if x != nil {
+		return x.ResponseSizes
+	}
+	return nil
+}
+
+func (x *Action) GetSeed() uint64 {
+	if x != nil {
+		return x.Seed
+	}
+	return 0
+}
+
 // MetadataEntry is one metadata key and its values, in the order received.
 type MetadataEntry struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -249,9 +282,10 @@ type Observation struct {
 	// Time left before the call's deadline when the handler started; unset
 	// when the call has no deadline.
 	DeadlineLeft *durationpb.Duration `protobuf:"bytes,2,opt,name=deadline_left,json=deadlineLeft,proto3" json:"deadline_left,omitempty"`
-	// The request metadata, sorted by key. Keys the transport reserves
-	// (":"-prefixed, "grpc-" prefixed, "content-type", "te", "user-agent")
-	// are left out.
+	// The request metadata, sorted by key, as the handler's context reports
+	// it. The tunnel never carries reserved keys (docs/tunnel-spec.md 9.1:
+	// ":"-prefixed, "grpc-"-prefixed except "grpc-trace-bin", "content-type",
+	// "te", "user-agent", "connection"), so none appears here.
 	Metadata []*MetadataEntry `protobuf:"bytes,3,rep,name=metadata,proto3" json:"metadata,omitempty"`
 	// Whether the handler saw its call end from the caller's side
 	// (cancellation or deadline) before it returned.
@@ -261,7 +295,10 @@ type Observation struct {
 	// Payload bytes received, summed over the requests.
 	RequestBytes uint64 `protobuf:"varint,6,opt,name=request_bytes,json=requestBytes,proto3" json:"request_bytes,omitempty"`
 	// The plugin process's id, which tells instances apart.
-	ProcessId     uint32 `protobuf:"varint,7,opt,name=process_id,json=processId,proto3" json:"process_id,omitempty"`
+	ProcessId uint32 `protobuf:"varint,7,opt,name=process_id,json=processId,proto3" json:"process_id,omitempty"`
+	// SHA-256 over the request messages received so far, in order: for each,
+	// its payload's length as 4 bytes big-endian, then the payload.
+	RequestDigest []byte `protobuf:"bytes,8,opt,name=request_digest,json=requestDigest,proto3" json:"request_digest,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -343,6 +380,13 @@ func (x *Observation) GetProcessId() uint32 {
 		return x.ProcessId
 	}
 	return 0
+}
+
+func (x *Observation) GetRequestDigest() []byte {
+	if x != nil {
+		return x.RequestDigest
+	}
+	return nil
 }
 
 // UnaryRequest is the request of Unary.
@@ -573,9 +617,10 @@ type ClientStreamRequest struct {
 	// Applied when this request arrives: headers, sleep, wait_for_cancel,
 	// panic, trailers and fail, in that order (response_count and
 	// message_interval do not apply). The one response comes after the
-	// half-close: response_size pattern bytes when the first request's
-	// action sets response_size, else the last request's payload; it carries
-	// the Observation when the first request's action sets observe.
+	// half-close: generated payload bytes (see Action) when the first
+	// request's action sets response_size or response_sizes, else the last
+	// request's payload; it carries the Observation when the first
+	// request's action sets observe.
 	Action        *Action `protobuf:"bytes,2,opt,name=action,proto3" json:"action,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -628,14 +673,16 @@ func (x *ClientStreamRequest) GetAction() *Action {
 // ClientStreamResponse is the response of ClientStream.
 type ClientStreamResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Echoes the last request's payload, or holds the first action's
-	// response_size pattern bytes.
+	// Echoes the last request's payload, or holds generated payload bytes
+	// when the first request's action sets response_size or response_sizes.
 	Payload []byte `protobuf:"bytes,1,opt,name=payload,proto3" json:"payload,omitempty"`
 	// Request messages received.
 	RequestCount uint32 `protobuf:"varint,2,opt,name=request_count,json=requestCount,proto3" json:"request_count,omitempty"`
 	// Payload bytes received, summed over the requests.
-	RequestBytes  uint64       `protobuf:"varint,3,opt,name=request_bytes,json=requestBytes,proto3" json:"request_bytes,omitempty"`
-	Observation   *Observation `protobuf:"bytes,4,opt,name=observation,proto3" json:"observation,omitempty"`
+	RequestBytes uint64       `protobuf:"varint,3,opt,name=request_bytes,json=requestBytes,proto3" json:"request_bytes,omitempty"`
+	Observation  *Observation `protobuf:"bytes,4,opt,name=observation,proto3" json:"observation,omitempty"`
+	// SHA-256 over the requests, as Observation.request_digest.
+	RequestDigest []byte `protobuf:"bytes,5,opt,name=request_digest,json=requestDigest,proto3" json:"request_digest,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -694,6 +741,13 @@ func (x *ClientStreamResponse) GetRequestBytes() uint64 {
 func (x *ClientStreamResponse) GetObservation() *Observation {
 	if x != nil {
 		return x.Observation
+	}
+	return nil
+}
+
+func (x *ClientStreamResponse) GetRequestDigest() []byte {
+	if x != nil {
+		return x.RequestDigest
 	}
 	return nil
 }
@@ -922,7 +976,7 @@ var File_conformance_v1_conformance_proto protoreflect.FileDescriptor
 
 const file_conformance_v1_conformance_proto_rawDesc = "" +
 	"\n" +
-	" conformance/v1/conformance.proto\x12\x0econformance.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\"\xde\x03\n" +
+	" conformance/v1/conformance.proto\x12\x0econformance.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\"\x99\x04\n" +
 	"\x06Action\x12#\n" +
 	"\rresponse_size\x18\x01 \x01(\rR\fresponseSize\x12%\n" +
 	"\x0eresponse_count\x18\x02 \x01(\rR\rresponseCount\x12D\n" +
@@ -936,10 +990,12 @@ const file_conformance_v1_conformance_proto_rawDesc = "" +
 	"\n" +
 	"record_key\x18\n" +
 	" \x01(\tR\trecordKey\x12\x18\n" +
-	"\aobserve\x18\v \x01(\bR\aobserve\"9\n" +
+	"\aobserve\x18\v \x01(\bR\aobserve\x12%\n" +
+	"\x0eresponse_sizes\x18\f \x03(\rR\rresponseSizes\x12\x12\n" +
+	"\x04seed\x18\r \x01(\x04R\x04seed\"9\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
-	"\x06values\x18\x02 \x03(\fR\x06values\"\xa7\x02\n" +
+	"\x06values\x18\x02 \x03(\fR\x06values\"\xce\x02\n" +
 	"\vObservation\x12\x16\n" +
 	"\x06method\x18\x01 \x01(\tR\x06method\x12>\n" +
 	"\rdeadline_left\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\fdeadlineLeft\x129\n" +
@@ -948,7 +1004,8 @@ const file_conformance_v1_conformance_proto_rawDesc = "" +
 	"\rrequest_count\x18\x05 \x01(\rR\frequestCount\x12#\n" +
 	"\rrequest_bytes\x18\x06 \x01(\x04R\frequestBytes\x12\x1d\n" +
 	"\n" +
-	"process_id\x18\a \x01(\rR\tprocessId\"X\n" +
+	"process_id\x18\a \x01(\rR\tprocessId\x12%\n" +
+	"\x0erequest_digest\x18\b \x01(\fR\rrequestDigest\"X\n" +
 	"\fUnaryRequest\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\x12.\n" +
 	"\x06action\x18\x02 \x01(\v2\x16.conformance.v1.ActionR\x06action\"h\n" +
@@ -964,12 +1021,13 @@ const file_conformance_v1_conformance_proto_rawDesc = "" +
 	"\vobservation\x18\x03 \x01(\v2\x1b.conformance.v1.ObservationR\vobservation\"_\n" +
 	"\x13ClientStreamRequest\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\x12.\n" +
-	"\x06action\x18\x02 \x01(\v2\x16.conformance.v1.ActionR\x06action\"\xb9\x01\n" +
+	"\x06action\x18\x02 \x01(\v2\x16.conformance.v1.ActionR\x06action\"\xe0\x01\n" +
 	"\x14ClientStreamResponse\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\x12#\n" +
 	"\rrequest_count\x18\x02 \x01(\rR\frequestCount\x12#\n" +
 	"\rrequest_bytes\x18\x03 \x01(\x04R\frequestBytes\x12=\n" +
-	"\vobservation\x18\x04 \x01(\v2\x1b.conformance.v1.ObservationR\vobservation\"]\n" +
+	"\vobservation\x18\x04 \x01(\v2\x1b.conformance.v1.ObservationR\vobservation\x12%\n" +
+	"\x0erequest_digest\x18\x05 \x01(\fR\rrequestDigest\"]\n" +
 	"\x11BidiStreamRequest\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\x12.\n" +
 	"\x06action\x18\x02 \x01(\v2\x16.conformance.v1.ActionR\x06action\"\x83\x01\n" +

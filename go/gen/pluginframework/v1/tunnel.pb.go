@@ -419,11 +419,19 @@ func (*Frame_WindowUpdate) isFrame_Kind() {}
 type Hello struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The range of protocol versions this side speaks. Both sides use the
-	// highest version in both ranges. This document describes version 1.
+	// highest version in both ranges. docs/tunnel-spec.md describes version 2.
 	MinVersion uint32 `protobuf:"varint,1,opt,name=min_version,json=minVersion,proto3" json:"min_version,omitempty"`
 	MaxVersion uint32 `protobuf:"varint,2,opt,name=max_version,json=maxVersion,proto3" json:"max_version,omitempty"`
 	// What this side accepts from its peer.
-	Settings      *Settings `protobuf:"bytes,3,opt,name=settings,proto3" json:"settings,omitempty"`
+	Settings *Settings `protobuf:"bytes,3,opt,name=settings,proto3" json:"settings,omitempty"`
+	// Operator only: identifies the operator process among the operator's
+	// replicas, at most 253 bytes. A plugin keeps one tunnel per distinct
+	// replica_id and closes duplicates before registering (spec 4.7, 14.3).
+	ReplicaId string `protobuf:"bytes,4,opt,name=replica_id,json=replicaId,proto3" json:"replica_id,omitempty"`
+	// Operator only: how many replicas the operator runs, 0 when unknown. A
+	// plugin behind one load-balanced address keeps connecting until it
+	// holds that many distinct replicas.
+	ReplicaCount  uint32 `protobuf:"varint,5,opt,name=replica_count,json=replicaCount,proto3" json:"replica_count,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -479,6 +487,20 @@ func (x *Hello) GetSettings() *Settings {
 	return nil
 }
 
+func (x *Hello) GetReplicaId() string {
+	if x != nil {
+		return x.ReplicaId
+	}
+	return ""
+}
+
+func (x *Hello) GetReplicaCount() uint32 {
+	if x != nil {
+		return x.ReplicaCount
+	}
+	return 0
+}
+
 // Settings are the limits a side imposes on what it receives. A zero or
 // unset field means the default given in docs/tunnel-spec.md.
 type Settings struct {
@@ -486,14 +508,16 @@ type Settings struct {
 	// Largest gRPC message (after chunk reassembly) this side accepts, in
 	// bytes. Default 4 MiB.
 	MaxMessageSize uint32 `protobuf:"varint,1,opt,name=max_message_size,json=maxMessageSize,proto3" json:"max_message_size,omitempty"`
-	// Flow-control credit, in bytes of message data, that each new stream
-	// starts with for data sent to this side. Default 2 MiB.
+	// Flow-control credit that each new stream starts with for data sent to
+	// this side: each StreamMessage costs its data length plus 64. Default
+	// 2 MiB, minimum 1,024.
 	InitialWindowSize uint32 `protobuf:"varint,2,opt,name=initial_window_size,json=initialWindowSize,proto3" json:"initial_window_size,omitempty"`
 	// Most streams the peer may have open towards this side at once.
 	// Default 100.
 	MaxConcurrentStreams uint32 `protobuf:"varint,3,opt,name=max_concurrent_streams,json=maxConcurrentStreams,proto3" json:"max_concurrent_streams,omitempty"`
-	// How often this side wants heartbeats. The tunnel uses the larger of the
-	// two sides' values; unset means no preference. Default 10 s.
+	// How often this side wants heartbeats. Each side uses the larger of the
+	// two sides' values, lowered to its own maximum; unset means no
+	// preference.
 	HeartbeatInterval *durationpb.Duration `protobuf:"bytes,4,opt,name=heartbeat_interval,json=heartbeatInterval,proto3" json:"heartbeat_interval,omitempty"`
 	// Largest encoded ConnectRequest/ConnectResponse this side accepts, in
 	// bytes. Default 4 MiB, minimum 64 KiB.
@@ -575,8 +599,9 @@ type Register struct {
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// The plugin's own version (free form, for example a semantic version).
 	Version string `protobuf:"bytes,2,opt,name=version,proto3" json:"version,omitempty"`
-	// Fully qualified names of the gRPC services the plugin serves, for
-	// example "acme.validation.v1.ValidatorService".
+	// Fully qualified names of every gRPC service the plugin serves, for
+	// example "acme.validation.v1.ValidatorService": the operator routes
+	// calls by service.
 	Services []string `protobuf:"bytes,3,rep,name=services,proto3" json:"services,omitempty"`
 	// Free-form labels, for example the pod name.
 	Labels        map[string]string `protobuf:"bytes,4,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
@@ -1050,8 +1075,8 @@ type StreamMessage struct {
 	// Ignored on later chunks. A message of length 0 is one chunk with size 0
 	// and no data.
 	Size uint32 `protobuf:"varint,1,opt,name=size,proto3" json:"size,omitempty"`
-	// The chunk's bytes. Each byte counts against the stream's flow-control
-	// window.
+	// The chunk's bytes. The chunk costs their length plus 64 of the
+	// stream's flow-control window.
 	Data          []byte `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1312,13 +1337,16 @@ const file_pluginframework_v1_tunnel_proto_rawDesc = "" +
 	"\x06cancel\x18\x0e \x01(\v2 .pluginframework.v1.StreamCancelH\x00R\x06cancel\x127\n" +
 	"\x05close\x18\x0f \x01(\v2\x1f.pluginframework.v1.StreamCloseH\x00R\x05close\x12G\n" +
 	"\rwindow_update\x18\x10 \x01(\v2 .pluginframework.v1.WindowUpdateH\x00R\fwindowUpdateB\x06\n" +
-	"\x04kind\"\x83\x01\n" +
+	"\x04kind\"\xc7\x01\n" +
 	"\x05Hello\x12\x1f\n" +
 	"\vmin_version\x18\x01 \x01(\rR\n" +
 	"minVersion\x12\x1f\n" +
 	"\vmax_version\x18\x02 \x01(\rR\n" +
 	"maxVersion\x128\n" +
-	"\bsettings\x18\x03 \x01(\v2\x1c.pluginframework.v1.SettingsR\bsettings\"\x8a\x02\n" +
+	"\bsettings\x18\x03 \x01(\v2\x1c.pluginframework.v1.SettingsR\bsettings\x12\x1d\n" +
+	"\n" +
+	"replica_id\x18\x04 \x01(\tR\treplicaId\x12#\n" +
+	"\rreplica_count\x18\x05 \x01(\rR\freplicaCount\"\x8a\x02\n" +
 	"\bSettings\x12(\n" +
 	"\x10max_message_size\x18\x01 \x01(\rR\x0emaxMessageSize\x12.\n" +
 	"\x13initial_window_size\x18\x02 \x01(\rR\x11initialWindowSize\x124\n" +
