@@ -1,0 +1,562 @@
+//! The outgoing side of a tunnel: every frame to send is queued here, and
+//! one writer task turns the queues into batches. Control frames go first;
+//! then streams with something sendable take turns, one frame each, so
+//! that one large message does not hold back the others (spec §3.4). The
+//! writer owns each stream's send credit (spec §8.1).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc};
+use tonic::Code;
+
+use super::defaults::*;
+use super::frame::{self, TunnelError, frame_len};
+use crate::proto::pluginframework::v1 as pb;
+use pb::frame::Kind;
+
+/// What a stream queues, in order.
+enum Item {
+    Headers(Vec<pb::MetadataEntry>),
+    /// A message; `sent` bytes of it have left, `started` once its first
+    /// chunk has (an empty message is one chunk).
+    Message { data: Bytes, sent: usize, started: bool },
+    Close(pb::Frame),
+}
+
+struct OutStream {
+    credit: i64,
+    items: VecDeque<Item>,
+    /// Message bytes queued and not yet sent.
+    queued: usize,
+    /// Whether the stream is in `ready`.
+    ready: bool,
+    /// A close is queued: later items are dropped.
+    closing: bool,
+    /// Woken when `queued` falls to the stream's queue bound.
+    space: Arc<Notify>,
+}
+
+impl OutStream {
+    /// Whether the front item can be sent now.
+    fn sendable(&self) -> bool {
+        match self.items.front() {
+            None => false,
+            Some(Item::Message { data, sent, .. }) => {
+                if data.len() == *sent { self.credit >= CHUNK_COST } else { self.credit > CHUNK_COST }
+            }
+            Some(_) => true,
+        }
+    }
+}
+
+struct State {
+    control: VecDeque<pb::Frame>,
+    /// The latest unanswered ping (pongs are coalesced, spec §11).
+    pong: Option<u64>,
+    streams: HashMap<u64, OutStream>,
+    /// Streams whose front item is sendable, in turn order.
+    ready: VecDeque<u64>,
+    /// Largest batch to build: 64 KiB until registered (spec §3.3).
+    batch_limit: usize,
+    /// Credit each new stream starts with: the peer's window.
+    initial_credit: i64,
+    /// Send everything queued, then end.
+    finishing: bool,
+    closed: bool,
+}
+
+/// The queues of one tunnel, shared by the reader, the stream tasks and
+/// the writer task.
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+/// What `push` reports.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    Queued,
+    /// The stream is closing or gone: nothing more of it is sent.
+    Gone,
+}
+
+impl Outbox {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                control: VecDeque::new(),
+                pong: None,
+                streams: HashMap::new(),
+                ready: VecDeque::new(),
+                batch_limit: UNREGISTERED_BATCH_LIMIT,
+                initial_credit: i64::from(DEFAULT_INITIAL_WINDOW_SIZE),
+                finishing: false,
+                closed: false,
+            }),
+            wake: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic never happens while the lock is held; recover anyway.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies the peer's window (from its `Hello`) to streams opened later.
+    pub(crate) fn set_peer_window(&self, window: u32) {
+        self.lock().initial_credit = i64::from(window);
+    }
+
+    /// Raises the batch limit to the peer's, once registered.
+    pub(crate) fn set_registered(&self, peer_max_batch: u32) {
+        self.lock().batch_limit = (peer_max_batch as usize).saturating_sub(BATCH_RESERVE).max(UNREGISTERED_BATCH_LIMIT - BATCH_RESERVE);
+    }
+
+    /// The largest frame that may be queued now.
+    pub(crate) fn frame_limit(&self) -> usize {
+        self.lock().batch_limit
+    }
+
+    /// Queues a control frame. Overflow is a tunnel error (spec §3.4).
+    pub(crate) fn control(&self, f: pb::Frame) -> Result<(), TunnelError> {
+        let mut s = self.lock();
+        if s.closed {
+            return Ok(());
+        }
+        if s.control.len() >= CONTROL_QUEUE_MAX {
+            return Err(TunnelError::new(
+                Code::ResourceExhausted,
+                "tunnel control queue full: the peer is not reading",
+            ));
+        }
+        s.control.push_back(f);
+        drop(s);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Queues a frame ahead of every other, whatever the bound (a
+    /// `GoAway` that reports the overflow itself).
+    pub(crate) fn urgent(&self, f: pb::Frame) {
+        let mut s = self.lock();
+        if s.closed {
+            return;
+        }
+        s.control.push_front(f);
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    /// Queues the answer to a ping; only the latest nonce is kept.
+    pub(crate) fn pong(&self, nonce: u64) {
+        self.lock().pong = Some(nonce);
+        self.wake.notify_one();
+    }
+
+    /// Starts the send side of a stream; returns what wakes its producer.
+    pub(crate) fn open(&self, id: u64) -> Arc<Notify> {
+        let space = Arc::new(Notify::new());
+        let mut s = self.lock();
+        let credit = s.initial_credit;
+        s.streams.insert(
+            id,
+            OutStream { credit, items: VecDeque::new(), queued: 0, ready: false, closing: false, space: space.clone() },
+        );
+        space
+    }
+
+    /// Queues headers or a message on a stream.
+    fn push(&self, id: u64, item: Item) -> Pushed {
+        let mut s = self.lock();
+        if s.closed {
+            return Pushed::Gone;
+        }
+        let Some(st) = s.streams.get_mut(&id) else { return Pushed::Gone };
+        if st.closing {
+            return Pushed::Gone;
+        }
+        if let Item::Message { data, .. } = &item {
+            st.queued += data.len();
+        }
+        st.items.push_back(item);
+        let wake = Self::mark_ready(&mut s, id);
+        drop(s);
+        if wake {
+            self.wake.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    pub(crate) fn headers(&self, id: u64, md: Vec<pb::MetadataEntry>) -> Pushed {
+        self.push(id, Item::Headers(md))
+    }
+
+    pub(crate) fn message(&self, id: u64, data: Bytes) -> Pushed {
+        self.push(id, Item::Message { data, sent: 0, started: false })
+    }
+
+    /// Message bytes of a stream not yet sent (0 once it is gone).
+    pub(crate) fn queued(&self, id: u64) -> usize {
+        self.lock().streams.get(&id).map_or(0, |s| s.queued)
+    }
+
+    /// Queues the stream's `StreamClose` after what it queued before. A
+    /// close too large for a batch goes without its trailers, as
+    /// RESOURCE_EXHAUSTED (spec §3.3).
+    pub(crate) fn finish(&self, id: u64, close: pb::Frame) {
+        self.end(id, close, false);
+    }
+
+    /// Drops what the stream queued and queues its `StreamClose` (spec
+    /// §6.6).
+    pub(crate) fn abort(&self, id: u64, close: pb::Frame) {
+        self.end(id, close, true);
+    }
+
+    fn end(&self, id: u64, mut close: pb::Frame, drop_queued: bool) {
+        let mut s = self.lock();
+        if s.closed {
+            return;
+        }
+        if frame_len(&close) > s.batch_limit {
+            close = frame::close(id, frame::status(Code::ResourceExhausted, "trailers too large for a batch"), vec![]);
+        }
+        let Some(st) = s.streams.get_mut(&id) else {
+            // A stream the writer never saw (refused): the close goes alone.
+            s.control.push_back(close);
+            drop(s);
+            self.wake.notify_one();
+            return;
+        };
+        if st.closing {
+            return;
+        }
+        if drop_queued {
+            st.items.clear();
+            st.queued = 0;
+        }
+        st.closing = true;
+        st.items.push_back(Item::Close(close));
+        st.space.notify_one();
+        let wake = Self::mark_ready(&mut s, id);
+        drop(s);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Adds credit from a `WindowUpdate`. `Err` when it would overflow the
+    /// window (spec §8.1); the credit is not added then.
+    pub(crate) fn add_credit(&self, id: u64, increment: u32) -> Result<(), ()> {
+        let mut s = self.lock();
+        let Some(st) = s.streams.get_mut(&id) else { return Ok(()) };
+        let credit = st.credit + i64::from(increment);
+        if credit > i64::from(MAX_SETTING) {
+            return Err(());
+        }
+        st.credit = credit;
+        let wake = Self::mark_ready(&mut s, id);
+        drop(s);
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Puts a stream in the turn order if it has something sendable;
+    /// returns whether the writer must be woken.
+    fn mark_ready(s: &mut State, id: u64) -> bool {
+        let Some(st) = s.streams.get_mut(&id) else { return false };
+        if st.ready || !st.sendable() {
+            return false;
+        }
+        st.ready = true;
+        s.ready.push_back(id);
+        true
+    }
+
+    /// Sends what is queued, then ends the `Connect` call's sending side.
+    pub(crate) fn finish_all(&self) {
+        self.lock().finishing = true;
+        self.wake.notify_one();
+    }
+
+    /// Stops at once; queued frames are dropped.
+    pub(crate) fn close(&self) {
+        let mut s = self.lock();
+        s.closed = true;
+        s.control.clear();
+        s.ready.clear();
+        for st in s.streams.values() {
+            st.space.notify_one();
+        }
+        s.streams.clear();
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    /// Builds the next batch, or says why there is none.
+    fn next_batch(&self) -> Next {
+        let mut s = self.lock();
+        if s.closed {
+            return Next::End;
+        }
+        let limit = s.batch_limit;
+        let mut frames = Vec::new();
+        let mut size = 0;
+        if let Some(nonce) = s.pong.take() {
+            let f = frame::frame(0, Kind::Pong(pb::Pong { nonce }));
+            size += frame_len(&f);
+            frames.push(f);
+        }
+        while frames.len() < MAX_FRAMES_PER_BATCH {
+            let Some(f) = s.control.front() else { break };
+            let n = frame_len(f);
+            if !frames.is_empty() && size + n > limit {
+                return Next::Batch(frames);
+            }
+            size += n;
+            frames.push(s.control.pop_front().expect("front exists"));
+        }
+        let state = &mut *s;
+        while frames.len() < MAX_FRAMES_PER_BATCH {
+            let Some(id) = state.ready.pop_front() else { break };
+            let Some(st) = state.streams.get_mut(&id) else { continue };
+            st.ready = false;
+            match take_frame(id, st, limit - size.min(limit)) {
+                Taken::Frame(f, n, more) => {
+                    size += n;
+                    frames.push(f);
+                    if matches!(frames.last().and_then(|f| f.kind.as_ref()), Some(Kind::Close(_))) {
+                        state.streams.remove(&id);
+                        continue;
+                    }
+                    if more {
+                        st.ready = true;
+                        state.ready.push_back(id);
+                    }
+                }
+                Taken::Full => {
+                    st.ready = true;
+                    state.ready.push_front(id);
+                    break;
+                }
+                Taken::Blocked => {}
+            }
+        }
+        if !frames.is_empty() {
+            return Next::Batch(frames);
+        }
+        if s.finishing && s.control.is_empty() && s.streams.values().all(|st| st.items.is_empty()) {
+            return Next::End;
+        }
+        Next::Idle
+    }
+}
+
+enum Next {
+    Batch(Vec<pb::Frame>),
+    Idle,
+    End,
+}
+
+enum Taken {
+    /// A frame, its size in the batch, and whether the stream has more to
+    /// send now.
+    Frame(pb::Frame, usize, bool),
+    /// The frame does not fit in what is left of the batch.
+    Full,
+    /// Nothing sendable (no credit).
+    Blocked,
+}
+
+/// Takes one frame from a stream, within `room` bytes of batch.
+fn take_frame(id: u64, st: &mut OutStream, room: usize) -> Taken {
+    let Some(item) = st.items.front_mut() else { return Taken::Blocked };
+    let f = match item {
+        Item::Headers(_) | Item::Close(_) => {
+            let f = match st.items.pop_front() {
+                Some(Item::Headers(md)) => frame::frame(id, Kind::Headers(pb::StreamHeaders { metadata: md })),
+                Some(Item::Close(f)) => f,
+                _ => unreachable!("front was headers or close"),
+            };
+            let n = frame_len(&f);
+            if n > room {
+                // Put it back: it leaves in the next batch.
+                st.items.push_front(match f.kind {
+                    Some(Kind::Headers(h)) => Item::Headers(h.metadata),
+                    _ => Item::Close(f),
+                });
+                return Taken::Full;
+            }
+            f
+        }
+        Item::Message { data, sent, started } => {
+            let rest = data.len() - *sent;
+            let by_credit = (st.credit - CHUNK_COST).max(0) as usize;
+            let by_room = room.saturating_sub(CHUNK_OVERHEAD);
+            let n = rest.min(by_credit).min(MAX_CHUNK).min(by_room);
+            if rest > 0 && n == 0 {
+                return if by_credit == 0 { Taken::Blocked } else { Taken::Full };
+            }
+            if rest == 0 && (st.credit < CHUNK_COST || room < CHUNK_OVERHEAD) {
+                return if st.credit < CHUNK_COST { Taken::Blocked } else { Taken::Full };
+            }
+            let size = if *started { 0 } else { data.len() as u32 };
+            let chunk = data.slice(*sent..*sent + n);
+            *sent += n;
+            *started = true;
+            st.credit -= n as i64 + CHUNK_COST;
+            st.queued -= n;
+            let done = *sent == data.len();
+            if done {
+                st.items.pop_front();
+            }
+            if st.queued <= STREAM_QUEUE_BYTES {
+                st.space.notify_one();
+            }
+            frame::frame(id, Kind::Message(pb::StreamMessage { size, data: chunk }))
+        }
+    };
+    let n = frame_len(&f);
+    Taken::Frame(f, n, st.sendable())
+}
+
+/// The writer task: sends batches until the tunnel closes or, after
+/// `finish_all`, until everything queued has left. Dropping `tx` at the
+/// end half-closes the `Connect` call.
+pub(crate) async fn run(outbox: Arc<Outbox>, tx: mpsc::Sender<pb::ConnectRequest>) {
+    loop {
+        match outbox.next_batch() {
+            Next::Batch(frames) => {
+                if tx.send(pb::ConnectRequest { frames }).await.is_err() {
+                    return;
+                }
+            }
+            Next::Idle => outbox.wake.notified().await,
+            Next::End => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(frames: &[pb::Frame]) -> Vec<(u64, u32)> {
+        frames.iter().map(|f| (f.stream_id, frame::kind_number(f.kind.as_ref().unwrap()))).collect()
+    }
+
+    fn batch(o: &Outbox) -> Vec<pb::Frame> {
+        match o.next_batch() {
+            Next::Batch(f) => f,
+            _ => vec![],
+        }
+    }
+
+    fn data_len(f: &pb::Frame) -> usize {
+        match &f.kind {
+            Some(Kind::Message(m)) => m.data.len(),
+            _ => panic!("not a message"),
+        }
+    }
+
+    #[test]
+    fn control_first_then_streams_in_turn() {
+        let o = Outbox::new();
+        o.set_registered(4 << 20);
+        o.open(1);
+        o.open(3);
+        o.message(1, Bytes::from(vec![1; 10]));
+        o.message(1, Bytes::from(vec![1; 10]));
+        o.message(3, Bytes::from(vec![3; 10]));
+        o.control(frame::window_update(5, 9)).unwrap();
+        o.pong(4);
+        o.pong(7);
+        let b = batch(&o);
+        assert_eq!(kinds(&b), vec![(0, 7), (5, 16), (1, 12), (3, 12), (1, 12)]);
+        assert!(matches!(&b[0].kind, Some(Kind::Pong(p)) if p.nonce == 7));
+    }
+
+    #[test]
+    fn chunks_are_bounded_by_credit_with_the_chunk_cost() {
+        let o = Outbox::new();
+        o.set_peer_window(1024);
+        o.set_registered(4 << 20);
+        o.open(1);
+        o.message(1, Bytes::from(vec![0; 3000]));
+        let b = batch(&o);
+        assert_eq!(b.len(), 1);
+        assert_eq!(data_len(&b[0]), 1024 - 64);
+        assert!(matches!(o.next_batch(), Next::Idle), "no credit left");
+        o.add_credit(1, 64).unwrap();
+        assert!(matches!(o.next_batch(), Next::Idle), "64 of credit sends no data");
+        o.add_credit(1, 100).unwrap();
+        let b = batch(&o);
+        assert_eq!(data_len(&b[0]), 100);
+        assert!(matches!(&b[0].kind, Some(Kind::Message(m)) if m.size == 0), "continuation has no size");
+        assert!(o.add_credit(1, MAX_SETTING).is_err());
+    }
+
+    #[test]
+    fn empty_messages_need_64_of_credit() {
+        let o = Outbox::new();
+        o.set_peer_window(1024);
+        o.open(1);
+        for _ in 0..17 {
+            o.message(1, Bytes::new());
+        }
+        assert_eq!(batch(&o).len(), 16);
+        assert!(matches!(o.next_batch(), Next::Idle));
+    }
+
+    #[test]
+    fn batches_stay_under_the_limit() {
+        let o = Outbox::new();
+        o.set_peer_window(MAX_SETTING);
+        o.open(1);
+        o.message(1, Bytes::from(vec![0; 200_000]));
+        let mut total = 0;
+        while let Next::Batch(b) = o.next_batch() {
+            let n: usize = b.iter().map(frame_len).sum();
+            assert!(n <= UNREGISTERED_BATCH_LIMIT, "batch of {n}");
+            total += b.iter().map(data_len).sum::<usize>();
+        }
+        assert_eq!(total, 200_000);
+    }
+
+    #[test]
+    fn frames_per_batch_are_capped() {
+        let o = Outbox::new();
+        for i in 0..5000 {
+            o.control(frame::window_update(2 * i + 1, 1)).unwrap();
+        }
+        assert_eq!(batch(&o).len(), MAX_FRAMES_PER_BATCH);
+        assert_eq!(batch(&o).len(), 5000 - MAX_FRAMES_PER_BATCH);
+    }
+
+    #[test]
+    fn abort_drops_queued_frames_and_close_ends_the_stream() {
+        let o = Outbox::new();
+        o.open(1);
+        o.headers(1, vec![]);
+        o.message(1, Bytes::from_static(b"x"));
+        o.abort(1, frame::close(1, frame::status(Code::Internal, "boom"), vec![]));
+        assert_eq!(o.message(1, Bytes::new()), Pushed::Gone);
+        assert_eq!(kinds(&batch(&o)), vec![(1, 15)]);
+        assert_eq!(o.queued(1), 0);
+        assert!(matches!(o.next_batch(), Next::Idle));
+    }
+
+    #[test]
+    fn control_queue_is_bounded() {
+        let o = Outbox::new();
+        for _ in 0..CONTROL_QUEUE_MAX {
+            o.control(frame::window_update(1, 1)).unwrap();
+        }
+        let e = o.control(frame::window_update(1, 1)).unwrap_err();
+        assert!(e.0.message.contains("control queue full"));
+    }
+}
