@@ -81,7 +81,14 @@ pub(crate) async fn serve(t: Arc<Shared>, entry: Arc<StreamEntry>, space: Arc<No
         r = timed => Ok(r),
     };
     let close = match outcome {
-        Err(st) => frame::close(id, st, Vec::new()),
+        Err(st) => {
+            // Cancelled: what the handler queued is of no use to the caller,
+            // and the close must not wait for credit it will never grant.
+            if t.remove_stream(id) {
+                t.outbox.abort(id, frame::close(id, st, Vec::new()));
+            }
+            return;
+        }
         Ok(None) => frame::close(id, frame::status(Code::DeadlineExceeded, "context deadline exceeded"), Vec::new()),
         Ok(Some(Err(panic))) => {
             tracing::error!(stream = id, "handler panicked: {panic}");
@@ -164,8 +171,11 @@ async fn respond(t: Arc<Shared>, entry: Arc<StreamEntry>, space: Arc<Notify>, op
                         Err(e) => return Finish::status(Code::Internal, e),
                     };
                     if let Some(h) = headers.take() {
-                        if let Err(f) = send_headers(outbox, id, with(h, response_md.take_headers())) {
-                            return f;
+                        let h = with(h, response_md.take_headers());
+                        if !h.is_empty() {
+                            if let Err(f) = send_headers(outbox, id, h) {
+                                return f;
+                            }
                         }
                     }
                     if msg.len() > max as usize {

@@ -40,8 +40,7 @@ pub(crate) fn go_away(s: RpcStatus) -> pb::Frame {
 }
 
 pub(crate) fn close(stream_id: u64, s: RpcStatus, trailers: Vec<pb::MetadataEntry>) -> pb::Frame {
-    let status = (s.code != 0 || !s.message.is_empty() || !s.details.is_empty()).then_some(s);
-    frame(stream_id, Kind::Close(pb::StreamClose { status, trailers }))
+    frame(stream_id, Kind::Close(pb::StreamClose { status: Some(s), trailers }))
 }
 
 pub(crate) fn cancel(stream_id: u64, s: RpcStatus) -> pb::Frame {

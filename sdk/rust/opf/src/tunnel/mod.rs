@@ -320,12 +320,12 @@ impl Conn {
                     tracing::warn!(tunnel = self.a.id, code = ?frame::code_of(&e.0), "tunnel error: {}", e.0.message);
                     let reason = format!("tunnel error: {}", e.0.message);
                     self.send_goaway(e.0);
-                    self.flush(ERROR_FLUSH_WAIT).await;
+                    self.flush_and_half_close(&mut inbound).await;
                     End::Closed(reason)
                 }
                 Stop::GoAway(st, reason) => {
                     self.send_goaway(st);
-                    self.flush(ERROR_FLUSH_WAIT).await;
+                    self.flush_and_half_close(&mut inbound).await;
                     End::Closed(reason)
                 }
             };
@@ -350,7 +350,7 @@ impl Conn {
     /// The end of a drain: everything queued leaves, the sending side of
     /// the call is closed, and the operator gets a second to end it.
     async fn flush_and_half_close(&mut self, inbound: &mut tonic::Streaming<pb::ConnectResponse>) -> End {
-        self.flush(CLOSE_WAIT).await;
+        self.flush(ERROR_FLUSH_WAIT).await;
         let _ = tokio::time::timeout(CLOSE_WAIT, async {
             while let Some(Ok(_)) = inbound.next().await {}
         })
@@ -538,6 +538,15 @@ impl Conn {
     /// Any other stream frame (spec §6.3–§6.5).
     fn on_stream_frame(&mut self, id: u64, kind: Kind) -> Result<(), Stop> {
         let Some(e) = self.shared.get(id) else {
+            // A stream whose handler is done may still be sending what it
+            // queued before its close: credit and cancels still apply.
+            match &kind {
+                Kind::WindowUpdate(w) if w.increment > 0 => {
+                    let _ = self.shared.outbox.add_credit(id, w.increment);
+                }
+                Kind::Cancel(_) => self.shared.outbox.drop_data(id),
+                _ => {}
+            }
             if matches!(kind, Kind::Cancel(_) | Kind::Close(_)) {
                 return Ok(());
             }

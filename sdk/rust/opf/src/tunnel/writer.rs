@@ -247,6 +247,21 @@ impl Outbox {
         }
     }
 
+    /// Drops the data a stream still has queued, keeping its close: the
+    /// caller cancelled after the handler finished.
+    pub(crate) fn drop_data(&self, id: u64) {
+        let mut s = self.lock();
+        let Some(st) = s.streams.get_mut(&id) else { return };
+        st.items.retain(|i| matches!(i, Item::Close(_)));
+        st.queued = 0;
+        st.space.notify_one();
+        let wake = Self::mark_ready(&mut s, id);
+        drop(s);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
     /// Adds credit from a `WindowUpdate`. `Err` when it would overflow the
     /// window (spec §8.1); the credit is not added then.
     pub(crate) fn add_credit(&self, id: u64, increment: u32) -> Result<(), ()> {
