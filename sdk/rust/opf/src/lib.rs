@@ -12,12 +12,10 @@
 //!
 //! ```no_run
 //! use opf::Plugin;
-//! # mod demo {
-//! #   pub mod validator_service_server { pub use opf::__doc::HealthServer as ValidatorServiceServer; }
-//! # }
-//! # #[derive(Default)] struct Validator;
-//! # impl opf::__doc::Health for Validator {}
-//! use demo::validator_service_server::ValidatorServiceServer;
+//! // The code tonic generated for demo.proto, and its implementation:
+//! // here the repository's demo validator (sdk/rust/examples/validator).
+//! use validator_plugin::demo::validator_service_server::ValidatorServiceServer;
+//! use validator_plugin::Validator;
 //!
 //! #[tokio::main]
 //! async fn main() -> Result<(), opf::Error> {
@@ -26,6 +24,28 @@
 //!         .serve_with_shutdown("unix:///var/run/opf/op.sock", opf::shutdown_signal())
 //!         .await
 //! }
+//! ```
+//!
+//! Options have the Go client's defaults; a bad target or registration is
+//! refused when the plugin is built, before anything is dialled:
+//!
+//! ```
+//! use std::time::Duration;
+//! use validator_plugin::demo::validator_service_server::ValidatorServiceServer;
+//!
+//! let plugin = opf::Plugin::builder("validator", "v1.0.0")
+//!     .add_service(ValidatorServiceServer::new(validator_plugin::Validator))
+//!     .label("pod", "validator-7c9f")
+//!     .drain_timeout(Duration::from_secs(5))
+//!     .build("dns:///operator.ns.svc:7443");
+//! assert!(plugin.is_ok());
+//!
+//! let err = opf::Plugin::builder("validator", "v1.0.0")
+//!     .add_service(ValidatorServiceServer::new(validator_plugin::Validator))
+//!     .build("https://operator:443")
+//!     .err()
+//!     .unwrap();
+//! assert!(err.to_string().contains("accepted: unix:///ABSOLUTE/PATH"));
 //! ```
 //!
 //! # What a handler sees

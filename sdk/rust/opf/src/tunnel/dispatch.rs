@@ -357,7 +357,8 @@ mod tests {
     fn timeouts_fit_in_eight_digits() {
         assert_eq!(grpc_timeout(Duration::from_nanos(5)), "5n");
         assert_eq!(grpc_timeout(Duration::from_millis(4998)), "4998000u");
-        assert_eq!(grpc_timeout(Duration::from_secs(30)), "30000m");
+        assert_eq!(grpc_timeout(Duration::from_secs(30)), "30000000u");
+        assert_eq!(grpc_timeout(Duration::from_secs(300)), "300000m");
         assert_eq!(grpc_timeout(Duration::from_secs(1_000_000)), "1000000S");
     }
 

@@ -512,7 +512,8 @@ mod tests {
         let b = batch(&o);
         assert_eq!(data_len(&b[0]), 100);
         assert!(matches!(&b[0].kind, Some(Kind::Message(m)) if m.size == 0), "continuation has no size");
-        assert!(o.add_credit(1, MAX_SETTING).is_err());
+        o.add_credit(1, MAX_SETTING).unwrap();
+        assert!(o.add_credit(1, 1).is_err(), "2^31 overflows");
     }
 
     #[test]
