@@ -96,7 +96,13 @@ func Lint() error {
 	if err := sh.RunV(tool("buf"), "lint"); err != nil {
 		return err
 	}
-	return checkGenerated()
+	if err := checkGenerated(); err != nil {
+		return err
+	}
+	if rustPresent() {
+		return RustLint() // magefile_rust.go
+	}
+	return nil
 }
 
 // checkGenerated regenerates into a scratch copy and fails when the
@@ -136,6 +142,11 @@ func Test(ctx context.Context) error {
 	mg.SerialCtxDeps(ctx, Lint)
 	for _, dir := range goModules() {
 		if err := runIn(dir, nil, "go", "test", "-race", "-count=1", "-timeout=10m", "./..."); err != nil {
+			return err
+		}
+	}
+	if rustPresent() {
+		if err := RustTest(); err != nil { // magefile_rust.go
 			return err
 		}
 	}

@@ -51,10 +51,11 @@ func conformanceSDKs() []conformanceSDK {
 			name: "rust",
 			dir:  filepath.Join("sdk", "rust"),
 			build: func() error {
-				return runIn(".", nil, "cargo", "build", "--release", "--manifest-path", "sdk/rust/Cargo.toml", "--bin", "conformance-plugin")
+				_, err := rustConformancePlugin() // magefile_rust.go
+				return err
 			},
 			cmd: func() (string, error) {
-				return absPath("sdk", "rust", "target", "release", "conformance-plugin"), nil
+				return rustBin("conformance-plugin"), nil
 			},
 		},
 	}

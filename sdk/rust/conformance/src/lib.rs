@@ -58,9 +58,7 @@ impl Conformance {
     /// The tonic server, with tonic's own message limits lifted: the SDK's
     /// (or the direct server's) limits are the ones under test.
     pub fn server(self) -> ConformanceServiceServer<Self> {
-        ConformanceServiceServer::new(self)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
+        ConformanceServiceServer::new(self).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)
     }
 }
 
@@ -221,7 +219,8 @@ fn to_metadata(entries: &[MetadataEntry]) -> MetadataMap {
                 if let Ok(k) = MetadataKey::from_bytes(e.key.as_bytes()) {
                     md.append_bin(k, MetadataValue::from_bytes(v));
                 }
-            } else if let (Ok(k), Ok(v)) = (MetadataKey::from_bytes(e.key.as_bytes()), MetadataValue::try_from(&v[..])) {
+            } else if let (Ok(k), Ok(v)) = (MetadataKey::from_bytes(e.key.as_bytes()), MetadataValue::try_from(&v[..]))
+            {
                 md.append(k, v);
             }
         }
@@ -369,10 +368,10 @@ async fn send_all<T>(
     make: impl Fn(Bytes, u32, Option<Observation>) -> T,
 ) -> bool {
     for (i, size) in sizes(a).into_iter().enumerate() {
-        if i > 0 {
-            if let Some(d) = &a.message_interval {
-                tokio::time::sleep(std_duration(d)).await;
-            }
+        if i > 0
+            && let Some(d) = &a.message_interval
+        {
+            tokio::time::sleep(std_duration(d)).await;
         }
         let p = match size {
             Some(n) => payload(n, a.seed, *index),
@@ -411,7 +410,10 @@ impl ConformanceService for Conformance {
 
     type ServerStreamStream = Gen<ServerStreamResponse>;
 
-    async fn server_stream(&self, req: Request<ServerStreamRequest>) -> Result<Response<Self::ServerStreamStream>, Status> {
+    async fn server_stream(
+        &self,
+        req: Request<ServerStreamRequest>,
+    ) -> Result<Response<Self::ServerStreamStream>, Status> {
         let mut call = Call::new(&self.store, "ServerStream", &req);
         let mut meta = Meta::new(&req);
         let r = req.into_inner();
@@ -429,10 +431,8 @@ impl ConformanceService for Conformance {
                 ServerStreamResponse { payload, index, observation }
             })
             .await;
-            if sent {
-                if let Err(s) = after(&a, &mut meta) {
-                    let _ = tx.send(Err(s)).await;
-                }
+            if sent && let Err(s) = after(&a, &mut meta) {
+                let _ = tx.send(Err(s)).await;
             }
             call.finish();
         });
@@ -485,44 +485,48 @@ impl ConformanceService for Conformance {
         let mut call = Call::new(&self.store, "BidiStream", &req);
         let mut meta = Meta::new(&req);
         let mut stream = req.into_inner();
-        let stream = Gen::new(move |tx| async move {
-            let mut index = 0;
-            loop {
-                let r = match stream.message().await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
-                        call.finish();
-                        return;
+        let stream =
+            Gen::new(move |tx| async move {
+                let mut index = 0;
+                loop {
+                    let r = match stream.message().await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => break,
+                        Err(s) => {
+                            let _ = tx.send(Err(s)).await;
+                            call.finish();
+                            return;
+                        }
+                    };
+                    call.received(&r.payload);
+                    let a = r.action.unwrap_or_default();
+                    call.key(&a);
+                    // Headers leave with the first response: later ones are
+                    // ignored, as the proto says.
+                    before(&a, &mut meta, index == 0).await;
+                    if !send_all(&a, &r.payload, &call, &mut index, &tx, |payload, index, observation| {
+                        BidiStreamResponse { payload, index, observation }
+                    })
+                    .await
+                    {
+                        break;
                     }
-                };
-                call.received(&r.payload);
-                let a = r.action.unwrap_or_default();
-                call.key(&a);
-                // Headers leave with the first response: later ones are
-                // ignored, as the proto says.
-                before(&a, &mut meta, index == 0).await;
-                if !send_all(&a, &r.payload, &call, &mut index, &tx, |payload, index, observation| {
-                    BidiStreamResponse { payload, index, observation }
-                })
-                .await
-                {
-                    break;
+                    if let Err(s) = after(&a, &mut meta) {
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
                 }
-                if let Err(s) = after(&a, &mut meta) {
-                    let _ = tx.send(Err(s)).await;
-                    break;
-                }
-            }
-            // Direct-server trailers of a successful call are lost: tonic
-            // has no place for them.
-            call.finish();
-        });
+                // Direct-server trailers of a successful call are lost: tonic
+                // has no place for them.
+                call.finish();
+            });
         Ok(Response::new(stream))
     }
 
-    async fn get_observation(&self, req: Request<GetObservationRequest>) -> Result<Response<GetObservationResponse>, Status> {
+    async fn get_observation(
+        &self,
+        req: Request<GetObservationRequest>,
+    ) -> Result<Response<GetObservationResponse>, Status> {
         let r = req.into_inner();
         let deadline = r.wait.as_ref().map(|w| tokio::time::Instant::now() + std_duration(w));
         loop {

@@ -20,9 +20,7 @@ fn number<T: std::str::FromStr>(name: &str) -> Result<Option<T>, String> {
 async fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     if let Err(e) = run().await {
         eprintln!("conformance plugin: {e}");
@@ -38,8 +36,8 @@ async fn run() -> Result<(), String> {
     let (Some(target), Some(name)) = (env("OPF_CONFORMANCE_TARGET"), env("OPF_CONFORMANCE_PLUGIN_NAME")) else {
         return Err("OPF_CONFORMANCE_TARGET and OPF_CONFORMANCE_PLUGIN_NAME must be set".into());
     };
-    let mut b = opf::Plugin::builder(name, env("OPF_CONFORMANCE_PLUGIN_VERSION").unwrap_or_default())
-        .add_service(svc.server());
+    let mut b =
+        opf::Plugin::builder(name, env("OPF_CONFORMANCE_PLUGIN_VERSION").unwrap_or_default()).add_service(svc.server());
     if let Some(n) = number::<u32>("OPF_CONFORMANCE_MAX_MESSAGE_SIZE")? {
         b = b.max_message_size(n);
     }

@@ -79,7 +79,8 @@ async fn call(c: &mut Client, rng: &mut Rng) -> u64 {
                 2 * p.len() as u64
             } else {
                 let n = rng.size();
-                let r = c.unary(UnaryRequest { payload: Bytes::new(), action: sizes_action(vec![n], seed) }).await.unwrap();
+                let r =
+                    c.unary(UnaryRequest { payload: Bytes::new(), action: sizes_action(vec![n], seed) }).await.unwrap();
                 assert!(r.into_inner().payload == payload(n, seed, 0), "unary generated {n} bytes");
                 u64::from(n)
             }
@@ -99,10 +100,12 @@ async fn call(c: &mut Client, rng: &mut Rng) -> u64 {
             total
         }
         2 => {
-            let payloads: Vec<Bytes> = (0..1 + rng.below(4)).map(|_| {
+            let payloads: Vec<Bytes> = (0..1 + rng.below(4))
+                .map(|_| {
                     let n = rng.size() as usize;
                     rng.bytes(n)
-                }).collect();
+                })
+                .collect();
             let n = rng.size();
             let reqs: Vec<_> = payloads
                 .iter()
@@ -119,10 +122,12 @@ async fn call(c: &mut Client, rng: &mut Rng) -> u64 {
             payloads.iter().map(|p| p.len() as u64).sum::<u64>() + u64::from(n)
         }
         _ => {
-            let payloads: Vec<Bytes> = (0..1 + rng.below(3)).map(|_| {
+            let payloads: Vec<Bytes> = (0..1 + rng.below(3))
+                .map(|_| {
                     let n = rng.size() as usize;
                     rng.bytes(n)
-                }).collect();
+                })
+                .collect();
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             let echo = |p: &Bytes| BidiStreamRequest {
                 payload: p.clone(),

@@ -54,7 +54,8 @@ async fn every_rpc_kind() {
     let r = c.unary(unary(b"hello", None)).await.unwrap().into_inner();
     assert_eq!(&r.payload[..], b"hello");
 
-    let req = ServerStreamRequest { payload: Bytes::new(), action: action(|a| a.response_sizes = vec![0, 1, 70_000, 3]) };
+    let req =
+        ServerStreamRequest { payload: Bytes::new(), action: action(|a| a.response_sizes = vec![0, 1, 70_000, 3]) };
     let mut s = c.server_stream(req).await.unwrap().into_inner();
     let mut got = Vec::new();
     while let Some(m) = s.next().await {
@@ -95,11 +96,14 @@ async fn every_rpc_kind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_binary_values_headers_and_trailers() {
     let (_dir, op, plugin, mut c) = setup().await;
-    let mut req = tonic::Request::new(unary(b"", action(|a| {
-        a.observe = true;
-        a.headers = vec![MetadataEntry { key: "x-h-bin".into(), values: vec![Bytes::from_static(&[0, 1, 255])] }];
-        a.trailers = vec![MetadataEntry { key: "x-t".into(), values: vec!["t1".into(), "t2".into()] }];
-    })));
+    let mut req = tonic::Request::new(unary(
+        b"",
+        action(|a| {
+            a.observe = true;
+            a.headers = vec![MetadataEntry { key: "x-h-bin".into(), values: vec![Bytes::from_static(&[0, 1, 255])] }];
+            a.trailers = vec![MetadataEntry { key: "x-t".into(), values: vec!["t1".into(), "t2".into()] }];
+        }),
+    ));
     req.metadata_mut().insert("x-text", "hello".parse().unwrap());
     req.metadata_mut().append("x-multi", "one".parse().unwrap());
     req.metadata_mut().append("x-multi", "two".parse().unwrap());
@@ -128,8 +132,15 @@ async fn metadata_binary_values_headers_and_trailers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_code_message_and_details() {
     let (_dir, op, plugin, mut c) = setup().await;
-    let detail = prost_types::Any { type_url: "type.googleapis.com/google.rpc.BadRequest".into(), value: vec![10, 3, 10, 1, 120] };
-    let fail = opf_conformance::pb::google::rpc::Status { code: Code::FailedPrecondition as i32, message: "nope: ünïcødé ✓".into(), details: vec![detail.clone()] };
+    let detail = prost_types::Any {
+        type_url: "type.googleapis.com/google.rpc.BadRequest".into(),
+        value: vec![10, 3, 10, 1, 120],
+    };
+    let fail = opf_conformance::pb::google::rpc::Status {
+        code: Code::FailedPrecondition as i32,
+        message: "nope: ünïcødé ✓".into(),
+        details: vec![detail.clone()],
+    };
     let e = c.unary(unary(b"", action(|a| a.fail = Some(fail.clone())))).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert_eq!(e.message(), "nope: ünïcødé ✓");
@@ -154,10 +165,13 @@ async fn status_code_message_and_details() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadline_is_enforced_and_seen() {
     let (_dir, op, plugin, mut c) = setup().await;
-    let mut req = tonic::Request::new(unary(b"", action(|a| {
-        a.sleep = Some(prost_types::Duration { seconds: 10, nanos: 0 });
-        a.record_key = "slow".into();
-    })));
+    let mut req = tonic::Request::new(unary(
+        b"",
+        action(|a| {
+            a.sleep = Some(prost_types::Duration { seconds: 10, nanos: 0 });
+            a.record_key = "slow".into();
+        }),
+    ));
     req.set_timeout(Duration::from_millis(300));
     let start = Instant::now();
     let e = c.unary(req).await.unwrap_err();
@@ -179,10 +193,13 @@ async fn caller_cancel_drops_the_handler() {
     let (_dir, op, plugin, mut c) = setup().await;
     let mut c2 = c.clone();
     let call = tokio::spawn(async move {
-        c2.unary(unary(b"", action(|a| {
-            a.wait_for_cancel = true;
-            a.record_key = "k".into();
-        })))
+        c2.unary(unary(
+            b"",
+            action(|a| {
+                a.wait_for_cancel = true;
+                a.record_key = "k".into();
+            }),
+        ))
         .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -18,13 +18,13 @@ use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint};
 use tower::{Layer, Service};
 
+use crate::Error;
 use crate::backoff::Backoff;
 use crate::credentials::{self, SERVICE_ACCOUNT_TOKEN_PATH, Tls, TokenSource};
 use crate::target::{Addr, Target};
 use crate::tunnel::dispatch::{Handler, Svc};
 use crate::tunnel::settings::Limits;
 use crate::tunnel::{self, Attempt, Config, End, Event, Replicas};
-use crate::Error;
 
 /// How often the target is resolved again (the Go default).
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -158,7 +158,8 @@ impl PluginBuilder {
         <L::Service as Service<http::Request<Body>>>::Future: Send + 'static,
         <L::Service as Service<http::Request<Body>>>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        self.layers.push(Box::new(move |inner: Svc| Svc::new(StatusOnError { inner: layer.layer(inner), ready_error: None })));
+        self.layers
+            .push(Box::new(move |inner: Svc| Svc::new(StatusOnError { inner: layer.layer(inner), ready_error: None })));
         self
     }
 

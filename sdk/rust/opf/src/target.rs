@@ -14,7 +14,10 @@ const MAX_UNIX_PATH: usize = 107;
 pub(crate) enum Target {
     Unix(PathBuf),
     /// A host name or IP literal, resolved at each (re)connection.
-    Host { host: String, port: u16 },
+    Host {
+        host: String,
+        port: u16,
+    },
     /// Fixed addresses (`ipv4:` and `ipv6:` forms).
     Addrs(Vec<SocketAddr>),
 }

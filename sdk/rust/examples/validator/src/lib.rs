@@ -104,9 +104,8 @@ struct RpcStatus {
 
 fn bad_request(field: &str, problem: &str) -> Status {
     let message = format!("{field} {problem}");
-    let detail = BadRequest {
-        field_violations: vec![FieldViolation { field: field.into(), description: problem.into() }],
-    };
+    let detail =
+        BadRequest { field_violations: vec![FieldViolation { field: field.into(), description: problem.into() }] };
     let details = RpcStatus {
         code: tonic::Code::InvalidArgument as i32,
         message: message.clone(),

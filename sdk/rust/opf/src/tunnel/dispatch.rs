@@ -20,22 +20,19 @@ use tokio::sync::Notify;
 use tonic::Code;
 use tower::ServiceExt as _;
 
+use super::Shared;
 use super::defaults::STREAM_QUEUE_BYTES;
 use super::frame::{self, RpcStatus};
 use super::metadata;
 use super::stream::{RequestBody, StreamEntry};
 use super::writer::{Outbox, Pushed};
-use super::Shared;
 use crate::call::{Deadline, ResponseMetadata};
 use crate::proto::google::rpc;
 use crate::proto::pluginframework::v1 as pb;
 
 /// The services a plugin serves, as one tonic-routed service.
-pub(crate) type Svc = tower::util::BoxCloneSyncService<
-    http::Request<tonic::body::Body>,
-    http::Response<tonic::body::Body>,
-    Infallible,
->;
+pub(crate) type Svc =
+    tower::util::BoxCloneSyncService<http::Request<tonic::body::Body>, http::Response<tonic::body::Body>, Infallible>;
 
 pub(crate) struct Handler {
     pub(crate) svc: Svc,
@@ -140,10 +137,10 @@ async fn respond(t: Arc<Shared>, entry: Arc<StreamEntry>, space: Arc<Notify>, op
             status.message = format!("unknown method {name} for service {service}");
         }
         let headers = response_md.take_headers();
-        if !headers.is_empty() {
-            if let Err(f) = send_headers(outbox, id, headers) {
-                return f;
-            }
+        if !headers.is_empty()
+            && let Err(f) = send_headers(outbox, id, headers)
+        {
+            return f;
         }
         return finish(status, &parts.headers, &response_md);
     }
@@ -172,10 +169,10 @@ async fn respond(t: Arc<Shared>, entry: Arc<StreamEntry>, space: Arc<Notify>, op
                     };
                     if let Some(h) = headers.take() {
                         let h = with(h, response_md.take_headers());
-                        if !h.is_empty() {
-                            if let Err(f) = send_headers(outbox, id, h) {
-                                return f;
-                            }
+                        if !h.is_empty()
+                            && let Err(f) = send_headers(outbox, id, h)
+                        {
+                            return f;
                         }
                     }
                     if msg.len() > max as usize {
@@ -201,10 +198,10 @@ async fn respond(t: Arc<Shared>, entry: Arc<StreamEntry>, space: Arc<Notify>, op
         }
         if let Some(h) = headers.take() {
             let h = with(h, response_md.take_headers());
-            if !h.is_empty() {
-                if let Err(f) = send_headers(outbox, id, h) {
-                    return f;
-                }
+            if !h.is_empty()
+                && let Err(f) = send_headers(outbox, id, h)
+            {
+                return f;
             }
         }
         let status = match tonic::Status::from_header_map(&trailers) {
@@ -253,8 +250,14 @@ fn to_rpc(s: &tonic::Status) -> RpcStatus {
 /// The `grpc-timeout` header for a duration: at most 8 digits and a unit.
 fn grpc_timeout(d: Duration) -> http::HeaderValue {
     let nanos = d.as_nanos();
-    let units: [(u128, &str); 6] =
-        [(1, "n"), (1_000, "u"), (1_000_000, "m"), (1_000_000_000, "S"), (60_000_000_000, "M"), (3_600_000_000_000, "H")];
+    let units: [(u128, &str); 6] = [
+        (1, "n"),
+        (1_000, "u"),
+        (1_000_000, "m"),
+        (1_000_000_000, "S"),
+        (60_000_000_000, "M"),
+        (3_600_000_000_000, "H"),
+    ];
     for (div, unit) in units {
         let v = nanos.div_ceil(div);
         if v < 100_000_000 {

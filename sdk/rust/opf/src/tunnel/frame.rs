@@ -98,10 +98,7 @@ impl TunnelError {
 /// `None` when invalid, negative values included as `Err`.
 pub(crate) fn duration(d: &prost_types::Duration) -> Option<Result<std::time::Duration, ()>> {
     let (s, n) = (d.seconds, d.nanos);
-    let valid = n.abs() < 1_000_000_000
-        && s.abs() <= 315_576_000_000
-        && !(s > 0 && n < 0)
-        && !(s < 0 && n > 0);
+    let valid = n.abs() < 1_000_000_000 && s.abs() <= 315_576_000_000 && !(s > 0 && n < 0) && !(s < 0 && n > 0);
     if !valid {
         return None;
     }

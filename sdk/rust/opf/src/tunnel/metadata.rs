@@ -14,9 +14,9 @@ const B64_OUT: base64::engine::GeneralPurpose = STANDARD_NO_PAD;
 fn valid_key(k: &str) -> bool {
     let b = k.as_bytes();
     !b.is_empty()
-        && b.iter().enumerate().all(|(i, &c)| {
-            matches!(c, b'0'..=b'9' | b'a'..=b'z' | b'-' | b'_' | b'.') || (i == 0 && c == b':')
-        })
+        && b.iter()
+            .enumerate()
+            .all(|(i, &c)| matches!(c, b'0'..=b'9' | b'a'..=b'z' | b'-' | b'_' | b'.') || (i == 0 && c == b':'))
 }
 
 /// Keys never carried through the tunnel, dropped on receipt.

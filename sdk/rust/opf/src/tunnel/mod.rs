@@ -58,7 +58,9 @@ pub(crate) struct Config {
 #[derive(Debug)]
 pub(crate) enum Event {
     /// The operator's `Hello` arrived, with its `replica_count`.
-    Hello { replica_count: u32 },
+    Hello {
+        replica_count: u32,
+    },
     Registered,
     /// The operator sent `GoAway` after registration: reconnect now.
     GoAway,
@@ -351,10 +353,7 @@ impl Conn {
     /// the call is closed, and the operator gets a second to end it.
     async fn flush_and_half_close(&mut self, inbound: &mut tonic::Streaming<pb::ConnectResponse>) -> End {
         self.flush(ERROR_FLUSH_WAIT).await;
-        let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            while let Some(Ok(_)) = inbound.next().await {}
-        })
-        .await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, async { while let Some(Ok(_)) = inbound.next().await {} }).await;
         End::Shutdown
     }
 
@@ -428,7 +427,8 @@ impl Conn {
                 out.set_peer_window(peer.initial_window_size);
                 self.shared.peer_max_message.store(peer.max_message_size, Ordering::Relaxed);
                 let cfg = &self.a.cfg;
-                self.heartbeat = Some(settings::heartbeat_interval(cfg.limits.heartbeat, peer.heartbeat, cfg.heartbeat_max));
+                self.heartbeat =
+                    Some(settings::heartbeat_interval(cfg.limits.heartbeat, peer.heartbeat, cfg.heartbeat_max));
                 let _ = self.a.events.try_send(Event::Hello { replica_count: h.replica_count });
                 if !h.replica_id.is_empty() && !self.a.replicas.claim(self.a.id, &h.replica_id) {
                     let msg = format!("duplicate tunnel to replica {}", h.replica_id);
@@ -460,11 +460,7 @@ impl Conn {
                 }
                 self.answered = true;
                 let st = r.status.unwrap_or_else(|| status(Code::PermissionDenied, ""));
-                return Err(Stop::Close(format!(
-                    "registration refused: {:?} {}",
-                    frame::code_of(&st),
-                    st.message
-                )));
+                return Err(Stop::Close(format!("registration refused: {:?} {}", frame::code_of(&st), st.message)));
             }
             Kind::Ping(p) => out.pong(p.nonce),
             Kind::Pong(_) => {}
@@ -492,7 +488,7 @@ impl Conn {
     /// `StreamOpen` (spec §6.2).
     fn on_open(&mut self, id: u64, o: pb::StreamOpen) -> Result<(), Stop> {
         let out = self.shared.outbox.clone();
-        if id % 2 == 0 {
+        if id.is_multiple_of(2) {
             return Err(
                 TunnelError::new(Code::Internal, format!("peer opened stream {id} with this side's parity")).into()
             );
@@ -527,7 +523,12 @@ impl Conn {
             Some(Some(Ok(d))) if !d.is_zero() => Some(d),
             Some(_) => return Ok(refuse(Code::Internal, "malformed timeout".into())?),
         };
-        let entry = StreamEntry::new(id, self.a.cfg.limits.initial_window_size, self.a.cfg.limits.max_message_size, out.clone());
+        let entry = StreamEntry::new(
+            id,
+            self.a.cfg.limits.initial_window_size,
+            self.a.cfg.limits.max_message_size,
+            out.clone(),
+        );
         self.shared.lock().insert(id, entry.clone());
         let space = out.open(id);
         let opened = Opened { method: o.method, metadata: md, timeout, received: Instant::now() };
@@ -551,11 +552,11 @@ impl Conn {
                 return Ok(());
             }
             // Known: an operator id already opened (the plugin opens none).
-            if id % 2 == 1 && id <= self.highest {
+            if !id.is_multiple_of(2) && id <= self.highest {
                 return Ok(());
             }
             let st = status(Code::Internal, format!("frame for unknown stream {id}"));
-            let f = if id % 2 == 0 { frame::cancel(id, st) } else { frame::close(id, st, Vec::new()) };
+            let f = if id.is_multiple_of(2) { frame::cancel(id, st) } else { frame::close(id, st, Vec::new()) };
             return Ok(self.shared.outbox.control(f)?);
         };
         let cancelling = e.phase() == Phase::Cancelling;

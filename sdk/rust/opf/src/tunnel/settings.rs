@@ -54,13 +54,8 @@ impl Limits {
         if s.max_message_size > MAX_SETTING {
             return Err(bad(format!("max_message_size {} above 2^31-1", s.max_message_size)));
         }
-        if s.initial_window_size != 0
-            && !(MIN_INITIAL_WINDOW_SIZE..=MAX_SETTING).contains(&s.initial_window_size)
-        {
-            return Err(bad(format!(
-                "initial_window_size {} outside 1024 to 2^31-1",
-                s.initial_window_size
-            )));
+        if s.initial_window_size != 0 && !(MIN_INITIAL_WINDOW_SIZE..=MAX_SETTING).contains(&s.initial_window_size) {
+            return Err(bad(format!("initial_window_size {} outside 1024 to 2^31-1", s.initial_window_size)));
         }
         if s.max_concurrent_streams > MAX_SETTING {
             return Err(bad(format!("max_concurrent_streams {} above 2^31-1", s.max_concurrent_streams)));

@@ -21,7 +21,11 @@ enum Item {
     Headers(Vec<pb::MetadataEntry>),
     /// A message; `sent` bytes of it have left, `started` once its first
     /// chunk has (an empty message is one chunk).
-    Message { data: Bytes, sent: usize, started: bool },
+    Message {
+        data: Bytes,
+        sent: usize,
+        started: bool,
+    },
     Close(pb::Frame),
 }
 
@@ -44,7 +48,11 @@ impl OutStream {
         match self.items.front() {
             None => false,
             Some(Item::Message { data, sent, .. }) => {
-                if data.len() == *sent { self.credit >= CHUNK_COST } else { self.credit > CHUNK_COST }
+                if data.len() == *sent {
+                    self.credit >= CHUNK_COST
+                } else {
+                    self.credit > CHUNK_COST
+                }
             }
             Some(_) => true,
         }
@@ -111,7 +119,8 @@ impl Outbox {
 
     /// Raises the batch limit to the peer's, once registered.
     pub(crate) fn set_registered(&self, peer_max_batch: u32) {
-        self.lock().batch_limit = (peer_max_batch as usize).saturating_sub(BATCH_RESERVE).max(UNREGISTERED_BATCH_LIMIT - BATCH_RESERVE);
+        self.lock().batch_limit =
+            (peer_max_batch as usize).saturating_sub(BATCH_RESERVE).max(UNREGISTERED_BATCH_LIMIT - BATCH_RESERVE);
     }
 
     /// The largest frame that may be queued now.
