@@ -21,6 +21,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 
 	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
+	"github.com/guilhem/operator-plugin-framework/go/internal/target"
 	"github.com/guilhem/operator-plugin-framework/go/internal/tunnel"
 	"github.com/guilhem/operator-plugin-framework/go/registry"
 )
@@ -74,8 +75,10 @@ var (
 	_ manager.LeaderElectionRunnable = (*Server)(nil)
 )
 
-// New returns a server that will listen on addr when started: "unix:///path"
-// (a stale socket file is removed), "tcp://host:port" or "host:port".
+// New returns a server that will listen on addr when started:
+// "unix:///absolute/path" (a stale socket file is removed),
+// "tcp://host:port" or "host:port" (an empty host listens on every
+// interface). New fails on any other form.
 func New(addr string, opts ...Option) (*Server, error) {
 	cfg := config{
 		drainTimeout:     defaultDrainTimeout,
@@ -94,7 +97,7 @@ func New(addr string, opts ...Option) (*Server, error) {
 		return nil, err
 	}
 	if cfg.listener == nil {
-		if _, _, err := parseAddr(addr); err != nil {
+		if _, _, err := target.ParseListen(addr); err != nil {
 			return nil, err
 		}
 	}
@@ -363,28 +366,8 @@ func refusal(err error) *status.Status {
 	return status.New(codes.PermissionDenied, err.Error())
 }
 
-// parseAddr splits addr into a network and an address for net.Listen.
-func parseAddr(addr string) (network, address string, err error) {
-	switch {
-	case strings.HasPrefix(addr, "unix://"):
-		network, address = "unix", strings.TrimPrefix(addr, "unix://")
-	case strings.HasPrefix(addr, "unix:"):
-		network, address = "unix", strings.TrimPrefix(addr, "unix:")
-	case strings.HasPrefix(addr, "tcp://"):
-		network, address = "tcp", strings.TrimPrefix(addr, "tcp://")
-	case strings.Contains(addr, "://"):
-		return "", "", fmt.Errorf("unsupported address %q: want unix:///path, tcp://host:port or host:port", addr)
-	default:
-		network, address = "tcp", addr
-	}
-	if address == "" {
-		return "", "", fmt.Errorf("empty address in %q", addr)
-	}
-	return network, address, nil
-}
-
 func listen(addr string) (net.Listener, error) {
-	network, address, err := parseAddr(addr)
+	network, address, err := target.ParseListen(addr)
 	if err != nil {
 		return nil, err
 	}
