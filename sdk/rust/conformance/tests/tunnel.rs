@@ -357,3 +357,64 @@ fn construction_refuses_bad_targets_and_tokens() {
     assert!(b().static_token("t").plaintext_token().build("127.0.0.1:1").is_ok());
     let _ = MetadataMap::new();
 }
+
+/// A tower layer's service: counts the calls it sees.
+#[derive(Clone)]
+struct Counting<S> {
+    inner: S,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Counting<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> S::Future {
+        self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.call(req)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interceptors_and_layers_apply() {
+    init_logs();
+    let dir = Dir::new();
+    let mut op = Operator::start(&dir, "op", None, &[]).await;
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let svc = opf_conformance::pb::conformance_service_server::ConformanceServiceServer::with_interceptor(
+        opf_conformance::Conformance::default(),
+        |req: tonic::Request<()>| match req.metadata().get("x-key") {
+            Some(v) if v == "open sesame" => Ok(req),
+            _ => Err(tonic::Status::unauthenticated("no key")),
+        },
+    );
+    let counted = seen.clone();
+    let plugin = opf::Plugin::builder("conformance", "v1")
+        .add_service(svc)
+        .layer(tower::layer::layer_fn(move |inner| Counting { inner, seen: counted.clone() }))
+        .build(&op.listen)
+        .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(plugin.serve_with_shutdown(async move {
+        let _ = rx.await;
+    }));
+    op.next("registered", 10 * SEC).await.unwrap();
+    let mut c = op.client().await;
+    let e = c.unary(unary(b"", None)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "the interceptor refused");
+    let mut req = tonic::Request::new(unary(b"in", None));
+    req.metadata_mut().insert("x-key", "open sesame".parse().unwrap());
+    assert_eq!(&c.unary(req).await.unwrap().into_inner().payload[..], b"in");
+    assert_eq!(seen.load(std::sync::atomic::Ordering::Relaxed), 2, "the layer saw both calls");
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+    op.stop().await;
+}

@@ -131,12 +131,8 @@ impl PluginBuilder {
     /// every service added is listed in the registration.
     pub fn add_service<S>(mut self, svc: S) -> Self
     where
-        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
+        S: Service<http::Request<Body>, Error = Infallible> + NamedService + Clone + Send + Sync + 'static,
+        S::Response: axum::response::IntoResponse,
         S::Future: Send + 'static,
     {
         self.services.push(S::NAME.to_owned());
