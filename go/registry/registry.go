@@ -10,6 +10,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/guilhem/operator-plugin-framework/go/internal/callerr"
 )
 
 // ErrNotFound is returned by Get when no instance of a plugin is connected.
@@ -19,7 +21,7 @@ var ErrNotFound = errors.New("plugin not connected")
 // before sending any of it: it stopped accepting calls (it began to drain,
 // or closed) between the registry's choice and the call. The call cannot
 // have run, so the registry chooses another instance for it.
-var ErrRefused = errors.New("plugin instance no longer accepts calls")
+var ErrRefused = callerr.ErrRefused
 
 // Conn is one instance's tunnel, as the registry needs it. A call it turns
 // away without sending any of it fails with an error wrapping ErrRefused.
