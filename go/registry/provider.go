@@ -160,11 +160,20 @@ func (p *PluginProvider) route(ctx context.Context, method string, opts []grpc.C
 		if cc, err = p.pick(ctx, svc, wait); err != nil {
 			return err
 		}
-		if err = send(cc); !errors.Is(err, ErrRefused) {
+		if err = send(cc); !errors.Is(err, ErrRefused) && !refusedByPlugin(err) {
 			return err
 		}
 	}
 	return err
+}
+
+// refusedByPlugin reports whether the plugin refused a call because it had
+// begun to drain: such a call never reached a handler and may go to
+// another instance (docs/tunnel-spec.md 12.1). Only a unary call gets it
+// here: a stream learns of it after NewStream returned.
+func refusedByPlugin(err error) bool {
+	st, ok := status.FromError(err)
+	return ok && st.Code() == codes.Unavailable && st.Message() == "tunnel is draining"
 }
 
 // service is the service part of a full method name, "/pkg.Svc/Method".
