@@ -18,7 +18,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
-	goclient "github.com/guilhem/operator-plugin-framework/go/client"
+	pluginclient "github.com/guilhem/operator-plugin-framework/go/client"
 	"github.com/guilhem/operator-plugin-framework/go/plugintest"
 	"github.com/guilhem/operator-plugin-framework/go/server"
 
@@ -172,7 +172,7 @@ func TestEnvtestShutdownLetsCallsInFlightFinish(t *testing.T) {
 		return setup(context.Background(), mgr, srv.GetRegistry())
 	})
 	slow := &slowValidator{started: make(chan struct{}, 1)}
-	plugin, err := goclient.New(context.Background(), "validator", addr, "v1", &demov1.ValidatorService_ServiceDesc, slow)
+	plugin, err := pluginclient.New(context.Background(), "validator", addr, "v1", &demov1.ValidatorService_ServiceDesc, slow)
 	if err != nil {
 		t.Fatal(err)
 	}
