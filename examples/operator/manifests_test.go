@@ -2,7 +2,6 @@ package main
 
 import (
 	"flag"
-	"io"
 	"testing"
 
 	"k8s.io/client-go/rest"
@@ -30,13 +29,9 @@ func TestManifestsRunThisOperator(t *testing.T) {
 			}
 			for _, c := range managers {
 				fs := flag.NewFlagSet("operator", flag.ContinueOnError)
-				fs.SetOutput(io.Discard)
 				o := bindFlags(fs)
-				if err := fs.Parse(c.Args); err != nil {
-					t.Fatalf("Deployment %s: %v (args %q)", c.Deployment, err, c.Args)
-				}
-				if fs.NArg() > 0 {
-					t.Fatalf("Deployment %s: arguments left over: %q", c.Deployment, fs.Args())
+				if err := manifests.ParseArgs(fs, c); err != nil {
+					t.Fatal(err)
 				}
 				if _, err := o.serverOptions(&rest.Config{Host: "https://kubernetes.default.svc"}); err != nil {
 					t.Fatalf("Deployment %s: %v", c.Deployment, err)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"flag"
-	"io"
 	"testing"
 
 	"github.com/guilhem/operator-plugin-framework/examples/internal/manifests"
@@ -11,13 +10,9 @@ import (
 func parse(t *testing.T, c manifests.Container) *options {
 	t.Helper()
 	fs := flag.NewFlagSet("plugin", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
 	o := bindFlags(fs)
-	if err := fs.Parse(c.Args); err != nil {
-		t.Fatalf("Deployment %s: %v (args %q)", c.Deployment, err, c.Args)
-	}
-	if fs.NArg() > 0 {
-		t.Fatalf("Deployment %s: arguments left over: %q", c.Deployment, fs.Args())
+	if err := manifests.ParseArgs(fs, c); err != nil {
+		t.Fatal(err)
 	}
 	return o
 }

@@ -4,7 +4,9 @@
 package manifests
 
 import (
+	"flag"
 	"fmt"
+	"io"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -99,4 +101,18 @@ func SharedDir(a, b Container, path string) string {
 		}
 	}
 	return ""
+}
+
+// ParseArgs parses a container's arguments with a binary's flag set (made
+// with flag.ContinueOnError): an unknown flag, a value that does not parse
+// or an argument left over is an error.
+func ParseArgs(fs *flag.FlagSet, c Container) error {
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(c.Args); err != nil {
+		return fmt.Errorf("Deployment %s, container %s: %w (args %q)", c.Deployment, c.Name, err, c.Args)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("Deployment %s, container %s: arguments left over: %q", c.Deployment, c.Name, fs.Args())
+	}
+	return nil
 }
