@@ -16,8 +16,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"github.com/guilhem/operator-plugin-framework/go/internal/testservice"
-	"github.com/guilhem/operator-plugin-framework/go/plugintest"
 	"github.com/guilhem/operator-plugin-framework/go/pluginsource"
+	"github.com/guilhem/operator-plugin-framework/go/plugintest"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }

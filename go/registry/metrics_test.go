@@ -189,17 +189,13 @@ func TestMetricsCountEveryCallOnce(t *testing.T) {
 			}
 			// A stream dropped by its context is counted by a callback: let
 			// it run, and anything counted twice show.
-			var after map[string]float64
-			var dur uint64
-			for deadline := time.Now().Add(2 * time.Second); ; {
-				after, dur = calls(t, "metered", svcPrefix+tc.method)
-				if after[tc.code] > before[tc.code] || time.Now().After(deadline) {
+			for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+				if now, _ := calls(t, "metered", svcPrefix+tc.method); now[tc.code] > before[tc.code] {
 					break
 				}
-				time.Sleep(5 * time.Millisecond)
 			}
 			time.Sleep(50 * time.Millisecond)
-			after, dur = calls(t, "metered", svcPrefix+tc.method)
+			after, dur := calls(t, "metered", svcPrefix+tc.method)
 			for code, n := range after {
 				want := before[code]
 				if code == tc.code {

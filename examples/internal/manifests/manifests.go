@@ -109,10 +109,10 @@ func SharedDir(a, b Container, path string) string {
 func ParseArgs(fs *flag.FlagSet, c Container) error {
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(c.Args); err != nil {
-		return fmt.Errorf("Deployment %s, container %s: %w (args %q)", c.Deployment, c.Name, err, c.Args)
+		return fmt.Errorf("deployment %s, container %s: %w (args %q)", c.Deployment, c.Name, err, c.Args)
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("Deployment %s, container %s: arguments left over: %q", c.Deployment, c.Name, fs.Args())
+		return fmt.Errorf("deployment %s, container %s: arguments left over: %q", c.Deployment, c.Name, fs.Args())
 	}
 	return nil
 }
