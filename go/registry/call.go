@@ -186,7 +186,17 @@ func (s *onEndStream) ended(err error) { s.once.Do(func() { s.onEnd(err) }) }
 
 func (s *onEndStream) SendMsg(m any) error {
 	err := s.ClientStream.SendMsg(m)
-	if err != nil && !errors.Is(err, io.EOF) {
+	switch {
+	case err == nil:
+	case errors.Is(err, io.EOF):
+		if !s.desc.ClientStreams {
+			// As grpc-go does: the generated code of a server-streaming
+			// call fails on any error from its one SendMsg, and a plugin
+			// that ended the call before reading the request would then
+			// read as io.EOF instead of its status, which RecvMsg returns.
+			return nil
+		}
+	default:
 		s.ended(err)
 	}
 	return err
