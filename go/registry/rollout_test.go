@@ -116,8 +116,9 @@ func TestRollingUpgradeUnderLoad(t *testing.T) {
 }
 
 // knownDrainRace tolerates one failure that is the tunnel engine's, not
-// the registry's: a call whose StreamOpen crosses the plugin's GoAway
-// fails with UNAVAILABLE "plugin tunnel closed" when the plugin's drain
-// closes the tunnel without refusing it (about 1 call in 300 here).
-// go/registry/NOTES-for-lead.md asks for the fix; set this to false then.
+// the registry's: a call lost to a plugin's drain fails with UNAVAILABLE
+// "plugin tunnel closed" (about 1 call in 300 here), when its StreamOpen
+// crosses the plugin's GoAway or its response is lost at the drain.
+// go/registry/NOTES-for-lead.md, item 2, asks for the fixes; set this to
+// false then.
 const knownDrainRace = true
