@@ -227,3 +227,27 @@ func TestSendMsgOfAnEndedServerStream(t *testing.T) {
 		wantStatus(t, s.RecvMsg(nil), codes.NotFound, "gone")
 	}
 }
+
+func tagStream(name string) grpc.StreamClientInterceptor {
+	return func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		order := ctx.Value(orderKey{}).(*[]string)
+		*order = append(*order, name)
+		return streamer(ctx, desc, cc, method, opts...)
+	}
+}
+
+func TestStreamInterceptorsChain(t *testing.T) {
+	r := New(WithStreamInterceptor(tagStream("registry")))
+	var calls []string
+	r.Add(Instance{ID: "1", Name: "p", Services: svc}, &endedConn{conn{name: "c", accepting: true, calls: &calls}})
+	var order []string
+	ctx := context.WithValue(context.Background(), orderKey{}, &order)
+	s, err := r.Plugin("p", WithStreamInterceptor(tagStream("a"), tagStream("b"))).NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, "/s/m")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantStatus(t, s.RecvMsg(nil), codes.NotFound, "gone")
+	if want := "[registry a b]"; fmt.Sprint(order) != want {
+		t.Fatalf("stream interceptors ran in order %v, want %v", order, want)
+	}
+}
