@@ -223,7 +223,7 @@ func bidi(stream grpc.BidiStreamingClient[conformancev1.BidiStreamRequest, confo
 		if hold != nil {
 			continue
 		}
-		for range req.GetAction().GetResponseCount() {
+		for range responsesOf(req.GetAction()) {
 			resp, err := stream.Recv()
 			if err != nil {
 				return err
@@ -242,6 +242,14 @@ func bidi(stream grpc.BidiStreamingClient[conformancev1.BidiStreamRequest, confo
 		}
 		res.responses = append(res.responses, resp)
 	}
+}
+
+// responsesOf is how many responses an action asks a stream to send.
+func responsesOf(a *conformancev1.Action) int {
+	if n := len(a.GetResponseSizes()); n > 0 {
+		return n
+	}
+	return int(a.GetResponseCount())
 }
 
 // check compares a call's result with what the case expects.

@@ -112,9 +112,13 @@ func (c *Case) pluginName() string {
 // Step is one action of a case; exactly one field is set.
 type Step struct {
 	// Calls through the server operator's registry.
-	Call       *CallStep `yaml:"call"`
-	WaitCall   string    `yaml:"wait_call"`   // wait for a background call and check it
-	CancelCall string    `yaml:"cancel_call"` // cancel a background call
+	Call *CallStep `yaml:"call"`
+	// Integrity makes many calls of random sizes and contents and checks
+	// every byte (integrity.go), through the server's registry or, with
+	// the raw operator, the runner's own caller (rawcall.go).
+	Integrity  *IntegrityStep `yaml:"integrity"`
+	WaitCall   string         `yaml:"wait_call"`   // wait for a background call and check it
+	CancelCall string         `yaml:"cancel_call"` // cancel a background call
 
 	// The plugins and the operator.
 	Registered      *RegisteredStep `yaml:"registered"`
@@ -484,6 +488,8 @@ func (s *Step) validate(c *Case) error {
 	switch {
 	case s.Call != nil:
 		return s.Call.validate()
+	case s.Integrity != nil:
+		return s.Integrity.validate()
 	case s.Send != nil:
 		for _, f := range s.Send {
 			if _, err := frameKind(map[string]any(f), "stream"); err != nil {

@@ -118,15 +118,25 @@ type rawConn struct {
 	queue  []*pb.Frame
 	notify chan struct{} // closed and replaced when frames arrive or the stream ends
 	peer   *peerSettings
-	// largest is the largest batch received, in bytes.
-	largest int
+	own    *peerSettings // this side's Hello settings, once sent
+	// largest is the largest batch received, in bytes; mostFrames the most
+	// frames one held.
+	largest, mostFrames int
+	// batches counts the batches received.
+	batches int
+	// taps take the frames of streams the raw caller runs (rawcall.go)
+	// instead of the queue.
+	taps map[uint64]func(*pb.Frame)
+	// maxOpen is the highest stream id this side opened.
+	maxOpen uint64
 	ended   bool
 	endErr  error
 	endAt   time.Time
+	endC    chan struct{} // closed when the stream ends
 }
 
 func newRawConn(side string, logf func(string, ...any), send func(any) error, closeFn func(*status.Status)) *rawConn {
-	rc := &rawConn{side: side, logf: logf, sendFn: send, closeFn: closeFn, notify: make(chan struct{})}
+	rc := &rawConn{side: side, logf: logf, sendFn: send, closeFn: closeFn, notify: make(chan struct{}), endC: make(chan struct{}), taps: map[uint64]func(*pb.Frame){}}
 	rc.answerPings.Store(true)
 	return rc
 }
@@ -139,6 +149,7 @@ func (rc *rawConn) read(recv func(*[]byte) error) {
 		if err != nil {
 			rc.mu.Lock()
 			rc.ended, rc.endErr, rc.endAt = true, err, time.Now()
+			close(rc.endC)
 			close(rc.notify)
 			rc.notify = make(chan struct{})
 			rc.mu.Unlock()
@@ -153,7 +164,18 @@ func (rc *rawConn) read(recv func(*[]byte) error) {
 			rc.logf("raw %s: malformed batch from the peer: %v", rc.side, err)
 			continue
 		}
+		rc.mu.Lock()
+		rc.mostFrames = max(rc.mostFrames, len(batch.GetFrames()))
+		rc.batches++
+		rc.mu.Unlock()
 		for _, f := range batch.GetFrames() {
+			rc.mu.Lock()
+			tap := rc.taps[f.GetStreamId()]
+			rc.mu.Unlock()
+			if tap != nil && f.GetStreamId() != 0 {
+				tap(f)
+				continue
+			}
 			rc.logf("raw %s: received %s", rc.side, describeFrame(f))
 			if p := f.GetPing(); p != nil && rc.answerPings.Load() {
 				_ = rc.sendFrames([]*pb.Frame{{Kind: &pb.Frame_Pong{Pong: &pb.Pong{Nonce: p.GetNonce()}}}})
@@ -172,6 +194,17 @@ func (rc *rawConn) read(recv func(*[]byte) error) {
 }
 
 func (rc *rawConn) sendFrames(frames []*pb.Frame) error {
+	rc.mu.Lock()
+	for _, f := range frames {
+		if h := f.GetHello(); h != nil && rc.own == nil {
+			ps := settingsOf(h.GetSettings())
+			rc.own = &ps
+		}
+		if f.GetOpen() != nil {
+			rc.maxOpen = max(rc.maxOpen, f.GetStreamId())
+		}
+	}
+	rc.mu.Unlock()
 	b, err := proto.Marshal(&pb.ConnectRequest{Frames: frames})
 	if err != nil {
 		return err

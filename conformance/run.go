@@ -49,6 +49,10 @@ type Config struct {
 	// Grace is how long a plugin may take to exit after SIGTERM before it
 	// is killed. Default 5 s.
 	Grace time.Duration
+	// Seed makes the random choices of the cases (payload sizes and
+	// contents); each case derives its own from it and its name, so that
+	// one case can be rerun alone with the same choices. 0 picks one.
+	Seed uint64
 }
 
 // Result is the outcome of one case for one SDK.
@@ -145,6 +149,10 @@ func Run(ctx context.Context, cfg Config) (Summary, error) {
 	if cfg.Grace == 0 {
 		cfg.Grace = 5 * time.Second
 	}
+	if cfg.Seed == 0 {
+		cfg.Seed = uint64(time.Now().UnixNano())
+	}
+	fmt.Fprintf(out, "seed %d\n", cfg.Seed)
 	cases := cfg.Cases
 	if cases == nil {
 		var err error
@@ -236,7 +244,7 @@ func runCase(ctx context.Context, cfg Config, sdk SDK, c *Case) (Result, caseLog
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, c.Timeout.D(60*time.Second))
 	defer cancel()
-	r := &caseRun{c: c, sdk: sdk, grace: cfg.Grace, log: &syncBuffer{}, start: start, calls: map[string]*bgCall{}}
+	r := &caseRun{c: c, sdk: sdk, grace: cfg.Grace, log: &syncBuffer{}, start: start, calls: map[string]*bgCall{}, seed: caseSeed(cfg.Seed, c.Name), runSeed: cfg.Seed}
 	err := r.setup(ctx)
 	if err == nil {
 		err = r.steps(ctx)

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
 	"strings"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
@@ -32,6 +34,9 @@ type caseRun struct {
 	plugins    []*pluginProc
 	calls      map[string]*bgCall
 	restarting chan error // a background restart's result
+	seed       uint64     // the case's random seed (caseSeed)
+	runSeed    uint64     // the run's, from which seed derives
+	stepIndex  int        // the step running, from 0
 }
 
 const conformanceService = "conformance.v1.ConformanceService"
@@ -48,6 +53,7 @@ func (r *caseRun) steps(ctx context.Context) error {
 			}
 		}
 		r.logf("step %d: %s", i+1, label)
+		r.stepIndex = i
 		if err := r.step(ctx, s); err != nil {
 			r.logf("step %d failed: %v", i+1, err)
 			return fmt.Errorf("step %d (%s): %w", i+1, label, err)
@@ -60,6 +66,23 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 	switch {
 	case s.Call != nil:
 		return r.call(ctx, s.Call)
+	case s.Integrity != nil:
+		seed := r.seed + uint64(r.stepIndex)
+		var conn grpc.ClientConnInterface
+		if r.op != nil {
+			conn = r.op.registry().Plugin(r.c.pluginName())
+		} else {
+			if r.raw == nil {
+				return errors.New("integrity with the raw operator needs a tunnel: use accept first")
+			}
+			rc, err := newRawCaller(r.raw, seed)
+			if err != nil {
+				return err
+			}
+			conn = rc
+		}
+		replay := fmt.Sprintf("the same calls again: --seed %d --run '^%s$'", r.runSeed, regexp.QuoteMeta(r.c.Name))
+		return s.Integrity.run(ctx, conn, seed, replay, r.logf)
 	case s.WaitCall != "":
 		bg, ok := r.calls[s.WaitCall]
 		if !ok {

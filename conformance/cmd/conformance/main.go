@@ -57,6 +57,7 @@ func run() int {
 	list := fs.Bool("list", false, "list the cases and exit")
 	verbose := fs.Bool("v", false, "print the logs of passing cases too")
 	grace := fs.Duration("grace", 5*time.Second, "how long a plugin may take to exit after SIGTERM before it is killed")
+	seed := fs.Uint64("seed", 0, "seed of the cases' random choices (payload sizes and contents); 0 picks one, printed first")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
 	}
@@ -132,6 +133,7 @@ func run() int {
 		Filter:  filter,
 		Verbose: *verbose,
 		Grace:   *grace,
+		Seed:    *seed,
 	})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "conformance:", err)
