@@ -70,6 +70,8 @@ type RejectSpec struct {
 	Count   int    `yaml:"count"`
 	Code    string `yaml:"code"`
 	Message string `yaml:"message"`
+	// MessageSize makes the message that many letters long instead.
+	MessageSize Size `yaml:"message_size"`
 }
 
 // PluginSpec is how the plugin under test is started.
@@ -147,6 +149,20 @@ type Step struct {
 	// UseRaw makes the frame steps use an earlier raw tunnel: 1 is the
 	// first that raw_connect or accept opened.
 	UseRaw int `yaml:"use_raw"`
+	// MaxFrames checks that no batch received so far held more frames.
+	MaxFrames int `yaml:"max_frames"`
+	// PauseReading stops reading the raw tunnel for this long (the step
+	// returns at once), so that the peer's frames pile up in its queues.
+	PauseReading Duration `yaml:"pause_reading"`
+	// Credit checks the peer's chunks on a stream against the credit the
+	// runner granted (spec 8.1).
+	Credit *CreditStep `yaml:"credit"`
+	// FrameCounts matches how many frames of each kind were received on
+	// the raw tunnel since it opened ({register: 0}), consumed or not.
+	FrameCounts map[string]any `yaml:"frame_counts"`
+	// AwaitMessage reassembles the next message the peer sends on a
+	// stream from its chunks, checking the chunk rules of spec 7.2.
+	AwaitMessage *AwaitMessageStep `yaml:"await_message"`
 }
 
 // CallStep calls the plugin through the server operator's registry.
@@ -297,6 +313,31 @@ func (f *FrameMatch) UnmarshalYAML(n *yaml.Node) error {
 	err := n.Decode(&m)
 	*f = m
 	return err
+}
+
+// CreditStep checks that the peer never sent a chunk on Stream costing more
+// than the credit left (data + 64 per chunk, against the runner's Hello
+// window plus its WindowUpdates), and matches what was spent: Spent (the
+// chunks' cost), Chunks (their number) and Left (the credit left), each
+// a value or a $ operator.
+type CreditStep struct {
+	Stream int `yaml:"stream"`
+	Spent  any `yaml:"spent"`
+	Chunks any `yaml:"chunks"`
+	Left   any `yaml:"left"`
+}
+
+// AwaitMessageStep waits (Within, default 3 s) for the chunks of the next
+// message on Stream, removes them from the queue, and matches the message:
+// Size (its length), Chunks (their number), and with Decode the decoded
+// message against Value.
+type AwaitMessageStep struct {
+	Stream int      `yaml:"stream"`
+	Within Duration `yaml:"within"`
+	Size   any      `yaml:"size"`
+	Chunks any      `yaml:"chunks"`
+	Decode string   `yaml:"decode"`
+	Value  any      `yaml:"value"`
 }
 
 // SilenceStep checks that no frame of these kinds arrives for a while.
@@ -492,7 +533,7 @@ func (s *Step) validate(c *Case) error {
 		return s.Integrity.validate()
 	case s.Send != nil:
 		for _, f := range s.Send {
-			if _, err := frameKind(map[string]any(f), "stream"); err != nil {
+			if _, err := frameKind(map[string]any(f), frameSpecKeys...); err != nil {
 				return err
 			}
 		}

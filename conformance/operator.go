@@ -74,10 +74,14 @@ func (o *realOperator) options() []server.Option {
 		if code == codes.OK {
 			code = codes.PermissionDenied
 		}
+		msg := r.Message
+		if r.MessageSize > 0 {
+			msg = letters(int(r.MessageSize))
+		}
 		opts = append(opts, server.WithRegistrationPolicy(func(context.Context, server.Identity, server.Registration) error {
 			if r.Count == 0 || o.rejected.Load() < int64(r.Count) {
 				o.rejected.Add(1)
-				return status.Error(code, r.Message)
+				return status.Error(code, msg)
 			}
 			return nil
 		}))

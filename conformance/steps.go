@@ -151,13 +151,15 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 	}
 	switch {
 	case s.Send != nil:
-		frames := make([]*pb.Frame, len(s.Send))
-		for i, spec := range s.Send {
-			f, err := rc.buildFrame(spec)
-			if err != nil {
-				return fmt.Errorf("frame %d: %w", i, err)
+		frames, err := rc.buildFrames(s.Send)
+		if err != nil {
+			return err
+		}
+		for i, f := range frames {
+			if i == 8 && len(frames) > 10 {
+				r.logf("raw %s: ... and %d more frames, %d in this batch", rc.side, len(frames)-i-1, len(frames))
+				break
 			}
-			frames[i] = f
 			r.logf("raw %s: sending %s", rc.side, describeFrame(f))
 		}
 		return rc.sendFrames(frames)
@@ -190,6 +192,37 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 			}
 		}
 		return nil
+	case s.MaxFrames > 0:
+		rc.mu.Lock()
+		most := rc.mostFrames
+		rc.mu.Unlock()
+		if most > s.MaxFrames {
+			return fmt.Errorf("received a batch of %d frames, want at most %d", most, s.MaxFrames)
+		}
+		return nil
+	case s.PauseReading > 0:
+		rc.mu.Lock()
+		rc.pauseUntil = time.Now().Add(time.Duration(s.PauseReading))
+		rc.mu.Unlock()
+		return nil
+	case s.FrameCounts != nil:
+		rc.mu.Lock()
+		got := map[string]any{}
+		for k := range frameKinds {
+			got[k] = int64(rc.kinds[k])
+		}
+		got["unknown"] = int64(rc.kinds["unknown"])
+		rc.mu.Unlock()
+		for k := range s.FrameCounts {
+			if _, ok := got[k]; !ok {
+				return fmt.Errorf("frame_counts: no frame kind %q", k)
+			}
+		}
+		return match("frames received", s.FrameCounts, got)
+	case s.Credit != nil:
+		return rc.checkCredit(s.Credit)
+	case s.AwaitMessage != nil:
+		return rc.awaitMessage(ctx, s.AwaitMessage)
 	case s.MaxBatch > 0:
 		rc.mu.Lock()
 		largest := rc.largest
