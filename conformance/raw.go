@@ -132,16 +132,16 @@ type rawConn struct {
 	// flow is the credit of each stream in the peer's direction: what this
 	// side granted (its Hello's window and its WindowUpdates) and what the
 	// peer's chunks cost (data + 64 each).
-	flow map[uint64]*flowState
+	flow       map[uint64]*flowState
 	loggedMsgs int            // message frames received, logged up to maxLoggedMessages
 	kinds      map[string]int // frames received, by kind, since the start
 	// pauseUntil stops the read loop until then (pause_reading), so that
 	// the peer's frames pile up in its queues.
 	pauseUntil time.Time
-	ended   bool
-	endErr  error
-	endAt   time.Time
-	endC    chan struct{} // closed when the stream ends
+	ended      bool
+	endErr     error
+	endAt      time.Time
+	endC       chan struct{} // closed when the stream ends
 }
 
 func newRawConn(side string, logf func(string, ...any), send func(any) error, closeFn func(*status.Status)) *rawConn {
