@@ -61,6 +61,11 @@ type OperatorSpec struct {
 	// TLS makes the server serve TLS with a certificate of a throw-away CA,
 	// handed to the plugin (OPF_CONFORMANCE_TLS_CA, _SERVER_NAME).
 	TLS bool `yaml:"tls"`
+	// ReplicaID and ReplicaCount are the server's WithReplica (its Hello's
+	// replica_id and replica_count); an empty id keeps the server's
+	// default.
+	ReplicaID    string `yaml:"replica_id"`
+	ReplicaCount int    `yaml:"replica_count"`
 }
 
 // RejectSpec refuses registrations with a status.

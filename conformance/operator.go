@@ -98,6 +98,9 @@ func (o *realOperator) options() []server.Option {
 	if o.tls != nil {
 		opts = append(opts, server.WithTLS(o.tls.certFile, o.tls.keyFile))
 	}
+	if s.ReplicaID != "" || s.ReplicaCount > 0 {
+		opts = append(opts, server.WithReplica(s.ReplicaID, s.ReplicaCount))
+	}
 	return opts
 }
 

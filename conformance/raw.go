@@ -419,7 +419,7 @@ func (rc *rawConn) buildFrame(spec FrameSpec) (*pb.Frame, error) {
 
 // frameSpecKeys are the keys of a FrameSpec besides its kind: repeat sends
 // the frame that many times.
-var frameSpecKeys = []string{"stream", "repeat"}
+var frameSpecKeys = []string{"stream", "repeat", "stream_step"}
 
 // buildFrames makes the frames of a send step, repeats expanded. An
 // unknown frame with batch_size is padded so that the whole batch encodes
@@ -473,14 +473,25 @@ func (rc *rawConn) expandFrames(specs []FrameSpec) ([]*pb.Frame, error) {
 		if err != nil {
 			return nil, fmt.Errorf("frame %d: %w", i, err)
 		}
-		n := 1
+		n, step := 1, 0
 		if r, ok := spec["repeat"]; ok {
 			if n, err = toInt(r, rc.resolve); err != nil || n < 1 {
 				return nil, fmt.Errorf("frame %d: repeat wants a positive count", i)
 			}
 		}
-		for range n {
-			out = append(out, f)
+		if r, ok := spec["stream_step"]; ok {
+			if step, err = toInt(r, rc.resolve); err != nil || step < 0 {
+				return nil, fmt.Errorf("frame %d: stream_step wants a count", i)
+			}
+		}
+		for j := range n {
+			if step == 0 {
+				out = append(out, f)
+				continue
+			}
+			g := proto.Clone(f).(*pb.Frame)
+			g.StreamId += uint64(j * step)
+			out = append(out, g)
 		}
 	}
 	return out, nil
