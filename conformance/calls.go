@@ -36,6 +36,9 @@ type bgCall struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	res    callResult
+	// Calls repeated for a while: err is their verdict.
+	repeated bool
+	err      error
 }
 
 // requests builds a call's request messages.
@@ -382,6 +385,40 @@ func parallel(ctx context.Context, conn grpc.ClientConnInterface, cs *CallStep) 
 		if got := len(processIDs(all)); got < want {
 			return fmt.Errorf("answers came from %d plugin processes, want at least %d", got, want)
 		}
+	}
+	return nil
+}
+
+// repeatCalls makes the call again and again for cs.RepeatFor, Parallel at
+// a time, and checks every one; it stops early when ctx ends.
+func repeatCalls(ctx context.Context, conn grpc.ClientConnInterface, cs *CallStep) error {
+	end := time.Now().Add(time.Duration(cs.RepeatFor))
+	var mu sync.Mutex
+	var errs []string
+	made, failed := 0, 0
+	var wg sync.WaitGroup
+	for range max(cs.Parallel, 1) {
+		wg.Go(func() {
+			for time.Now().Before(end) && ctx.Err() == nil {
+				err := cs.Expect.check(doCall(ctx, conn, cs, nil))
+				mu.Lock()
+				made++
+				if err != nil && ctx.Err() == nil {
+					failed++
+					if len(errs) < 3 {
+						errs = append(errs, fmt.Sprintf("call %d: %v", made, err))
+					}
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if failed > 0 {
+		return fmt.Errorf("%d of %d calls failed: %s", failed, made, strings.Join(errs, "; "))
+	}
+	if made == 0 {
+		return errors.New("no call made")
 	}
 	return nil
 }

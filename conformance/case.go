@@ -66,7 +66,24 @@ type OperatorSpec struct {
 	// default.
 	ReplicaID    string `yaml:"replica_id"`
 	ReplicaCount int    `yaml:"replica_count"`
+	// Replicas runs that many operators (servers, or raw operators), each
+	// on its own loopback address and all on one port, with replica ids
+	// replica-0, replica-1, ... (server); the plugin's target lists every
+	// address (ipv4:127.0.0.2:P,127.0.0.3:P,...), plaintext. Default 1: one
+	// operator on a unix socket, unless Aliases or Balanced ask for TCP.
+	Replicas int `yaml:"replicas"`
+	// Aliases adds to the target one address per entry that forwards to
+	// the replica of that index (the same replica reached twice).
+	Aliases []int `yaml:"aliases"`
+	// Balanced makes the target a single address, a round-robin TCP
+	// forwarder in front of the replicas (a load-balanced Service).
+	Balanced bool `yaml:"balanced"`
 }
+
+// tcp reports whether the operators listen on loopback TCP addresses.
+func (o OperatorSpec) tcp() bool { return o.Replicas > 1 || len(o.Aliases) > 0 || o.Balanced }
+
+func (o OperatorSpec) replicas() int { return max(o.Replicas, 1) }
 
 // RejectSpec refuses registrations with a status.
 type RejectSpec struct {
@@ -128,13 +145,15 @@ type Step struct {
 	CancelCall string         `yaml:"cancel_call"` // cancel a background call
 
 	// The plugins and the operator.
-	Registered      *RegisteredStep `yaml:"registered"`
-	StartPlugin     *struct{}       `yaml:"start_plugin"`
-	StopPlugin      *StopStep       `yaml:"stop_plugin"`
-	RestartOperator *RestartStep    `yaml:"restart_operator"`
-	WaitRestart     bool            `yaml:"wait_restart"`
-	Rejections      *int            `yaml:"rejections"` // registrations the server refused so far
-	Sleep           Duration        `yaml:"sleep"`
+	Registered      *RegisteredStep    `yaml:"registered"`
+	StartPlugin     *struct{}          `yaml:"start_plugin"`
+	StopPlugin      *StopStep          `yaml:"stop_plugin"`
+	RestartOperator *RestartStep       `yaml:"restart_operator"`
+	WaitRestart     bool               `yaml:"wait_restart"`
+	Rejections      *int               `yaml:"rejections"` // registrations the server refused so far
+	Registrations   *RegistrationsStep `yaml:"registrations"`
+	Forwarder       *ForwarderStep     `yaml:"forwarder"`
+	Sleep           Duration           `yaml:"sleep"`
 
 	// Raw frames: raw_connect (the runner as a plugin, against the server)
 	// or accept (the runner as the operator, taking the plugin's tunnel)
@@ -151,6 +170,9 @@ type Step struct {
 	// larger than this many bytes (encoded ConnectRequest or
 	// ConnectResponse).
 	MaxBatch Size `yaml:"max_batch"`
+	// NoNewTunnel checks that the plugin opens no tunnel to the raw
+	// operators for this long.
+	NoNewTunnel Duration `yaml:"no_new_tunnel"`
 	// UseRaw makes the frame steps use an earlier raw tunnel: 1 is the
 	// first that raw_connect or accept opened.
 	UseRaw int `yaml:"use_raw"`
@@ -198,8 +220,13 @@ type CallStep struct {
 	Background bool `yaml:"background"`
 	// Hold starts the call and sends its requests but reads nothing (a
 	// stalled consumer); it runs in the background.
-	Hold   bool        `yaml:"hold"`
-	Expect Expectation `yaml:"expect"`
+	Hold bool `yaml:"hold"`
+	// RepeatFor makes the call again and again for this long (Parallel
+	// calls at a time), each checked: a load that must not fail.
+	RepeatFor Duration `yaml:"repeat_for"`
+	// Replica is the operator whose registry makes the call (default 0).
+	Replica int         `yaml:"replica"`
+	Expect  Expectation `yaml:"expect"`
 }
 
 // Expectation is what a call must end with.
@@ -238,6 +265,24 @@ type RegisteredStep struct {
 	Instance any `yaml:"instance"`
 	// New waits for instances registered after this step started.
 	New bool `yaml:"new"`
+	// Replica checks that operator's registry only; by default every
+	// replica's must list Count instances.
+	Replica *int `yaml:"replica"`
+}
+
+// RegistrationsStep checks how many Register frames a replica's server
+// has seen (accepted or refused), since it started.
+type RegistrationsStep struct {
+	Replica int `yaml:"replica"`
+	Count   any `yaml:"count"`
+}
+
+// ForwarderStep checks how many connections an alias or the balancer (in
+// the order of OperatorSpec: the aliases, then the balancer) has
+// relayed.
+type ForwarderStep struct {
+	Index       int `yaml:"index"`
+	Connections any `yaml:"connections"`
 }
 
 // StopStep sends SIGTERM to a plugin process and waits for it.
@@ -261,6 +306,9 @@ type RestartStep struct {
 	// Background restarts while the next steps run (graceful only);
 	// wait_restart waits for it.
 	Background bool `yaml:"background"`
+	// Replica is the operator restarted (default 0); a restarted replica
+	// is a new process with a new replica id.
+	Replica int `yaml:"replica"`
 }
 
 // RawConnectStep opens a tunnel to the server operator as a raw plugin.
@@ -285,6 +333,9 @@ type AcceptStep struct {
 	// and answers with a RegisterAck unless Ack is false. Default true.
 	Handshake *bool `yaml:"handshake"`
 	Ack       *bool `yaml:"ack"`
+	// Replica takes the tunnel from that raw operator (replicas); by
+	// default from any.
+	Replica *int `yaml:"replica"`
 	// Register is matched against the plugin's Register frame; false: the
 	// handshake stops after the operator's Hello (a Hello the plugin must
 	// refuse).
@@ -492,6 +543,9 @@ func (c *Case) validate() error {
 	if c.Operator.Kind == "raw" && (c.Operator.Reject != nil || c.Operator.Token != "" || c.Operator.TLS) {
 		return errors.New("reject, token and tls need the server operator")
 	}
+	if c.Operator.tcp() && (c.Operator.Token != "" || c.Operator.TLS) {
+		return errors.New("replicas, aliases and balanced are plaintext without a token")
+	}
 	for i, s := range c.Steps {
 		if err := s.validate(c); err != nil {
 			return fmt.Errorf("step %d: %w", i+1, err)
@@ -522,13 +576,13 @@ func (s *Step) validate(c *Case) error {
 	}
 	raw := c.Operator.Kind == "raw"
 	switch k {
-	case "call", "wait_call", "cancel_call", "registered", "restart_operator", "wait_restart", "rejections", "raw_connect":
+	case "call", "wait_call", "cancel_call", "registered", "restart_operator", "wait_restart", "rejections", "registrations", "raw_connect":
 		if raw {
 			return fmt.Errorf("%s needs the server operator", k)
 		}
-	case "accept":
+	case "accept", "no_new_tunnel":
 		if !raw {
-			return errors.New("accept needs the raw operator")
+			return fmt.Errorf("%s needs the raw operator", k)
 		}
 	}
 	switch {
@@ -572,8 +626,8 @@ func (cs *CallStep) validate() error {
 	if cs.Hold && !slices.Contains([]string{"ServerStream", "ClientStream", "BidiStream"}, cs.Method) {
 		return errors.New("only streaming calls can be held")
 	}
-	if cs.Parallel > 0 && (cs.Background || cs.Hold) {
-		return errors.New("parallel calls cannot run in the background")
+	if cs.Parallel > 0 && cs.Hold || cs.Parallel > 0 && cs.Background && cs.RepeatFor == 0 {
+		return errors.New("parallel calls run in the background only with repeat_for")
 	}
 	if _, err := codeByName(cs.Expect.Code); err != nil {
 		return err

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -276,17 +277,42 @@ func (r *caseRun) setup(ctx context.Context) error {
 			return err
 		}
 	}
-	if r.c.Operator.Kind == "raw" {
-		lis, err := listenUnix(r.sock)
-		if err != nil {
+	op := r.c.Operator
+	if op.tcp() {
+		if r.replicas, err = newReplicaSet(op.replicas(), op.Aliases, op.Balanced, r.logf); err != nil {
 			return err
 		}
-		r.rawOp = startRawOperator(lis, nil, r.logf)
-	} else {
-		r.op = newRealOperator(r.c.Operator, r.sock, r.tls, r.logf)
-		if err := r.op.start(); err != nil {
+		r.logf("operators on %v; the plugin's target is %s", r.replicas.addrs, r.replicas.target)
+	}
+	for i := range op.replicas() {
+		switch {
+		case op.Kind == "raw":
+			var lis net.Listener
+			if r.replicas != nil {
+				lis, err = r.replicas.listener(i)
+			} else {
+				lis, err = listenUnix(r.sock)
+			}
+			if err != nil {
+				return err
+			}
+			r.rawOps = append(r.rawOps, startRawOperator(lis, nil, r.logf))
+		case r.replicas != nil:
+			r.ops = append(r.ops, newReplicaOperator(op, i, r.replicas, r.logf))
+		default:
+			r.ops = append(r.ops, newRealOperator(op, r.sock, r.tls, r.logf))
+		}
+	}
+	for _, o := range r.ops {
+		if err := o.start(); err != nil {
 			return err
 		}
+	}
+	if len(r.ops) > 0 {
+		r.op = r.ops[0]
+	}
+	if len(r.rawOps) > 0 {
+		r.rawOp = r.rawOps[0]
 	}
 	for range r.c.instances() {
 		if err := r.startPlugin(); err != nil {
@@ -302,7 +328,12 @@ func (r *caseRun) setup(ctx context.Context) error {
 	return nil
 }
 
-func (r *caseRun) target() string { return "unix://" + r.sock }
+func (r *caseRun) target() string {
+	if r.replicas != nil {
+		return r.replicas.target
+	}
+	return "unix://" + r.sock
+}
 
 func (r *caseRun) pluginEnv() []string {
 	env := []string{
@@ -356,8 +387,8 @@ func (r *caseRun) teardown() error {
 	for _, stop := range r.rawStops {
 		stop()
 	}
-	if r.rawOp != nil {
-		r.rawOp.stop()
+	for _, op := range r.rawOps {
+		op.stop()
 	}
 	for _, p := range r.plugins {
 		if p.termAt.IsZero() && p.exited() {
@@ -376,10 +407,13 @@ func (r *caseRun) teardown() error {
 			errs = append(errs, err)
 		}
 	}
-	if r.op != nil {
-		if err := r.op.stop(false); err != nil {
-			errs = append(errs, fmt.Errorf("stopping the server: %w", err))
+	for i, op := range r.ops {
+		if err := op.stop(false); err != nil {
+			errs = append(errs, fmt.Errorf("stopping server %d: %w", i, err))
 		}
+	}
+	if r.replicas != nil {
+		r.replicas.stop()
 	}
 	if r.dir != "" {
 		os.RemoveAll(r.dir)

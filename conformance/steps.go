@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -26,10 +28,13 @@ type caseRun struct {
 
 	dir, sock  string
 	tls        *tlsMaterial
-	op         *realOperator // the server operator, or nil
-	rawOp      *rawOperator  // the raw operator, or nil
-	raw        *rawConn      // the raw tunnel the frame steps use
-	raws       []*rawConn    // every raw tunnel, in order
+	op         *realOperator   // the server operator (replica 0), or nil
+	ops        []*realOperator // every replica's server
+	rawOp      *rawOperator    // the raw operator (replica 0), or nil
+	rawOps     []*rawOperator  // every raw operator
+	replicas   *replicaSet     // the loopback addresses, with several operators
+	raw        *rawConn        // the raw tunnel the frame steps use
+	raws       []*rawConn      // every raw tunnel, in order
 	rawStops   []func()
 	plugins    []*pluginProc
 	calls      map[string]*bgCall
@@ -93,6 +98,9 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 		case <-ctx.Done():
 			return fmt.Errorf("call %q still running: %w", s.WaitCall, ctx.Err())
 		}
+		if bg.repeated {
+			return bg.err
+		}
 		return bg.spec.Expect.check(bg.res)
 	case s.CancelCall != "":
 		bg, ok := r.calls[s.CancelCall]
@@ -101,6 +109,20 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 		}
 		bg.cancel()
 		return nil
+	case s.Registrations != nil:
+		if err := r.replicaIndex(s.Registrations.Replica); err != nil {
+			return err
+		}
+		got := r.ops[s.Registrations.Replica].registrations.Load()
+		return match(fmt.Sprintf("registrations seen by server %d", s.Registrations.Replica), s.Registrations.Count, got)
+	case s.Forwarder != nil:
+		if r.replicas == nil || s.Forwarder.Index < 0 || s.Forwarder.Index >= len(r.replicas.forwarders) {
+			return fmt.Errorf("no forwarder %d", s.Forwarder.Index)
+		}
+		got := r.replicas.forwarders[s.Forwarder.Index].count.Load()
+		return match(fmt.Sprintf("connections relayed by forwarder %d", s.Forwarder.Index), s.Forwarder.Connections, got)
+	case s.NoNewTunnel > 0:
+		return r.noNewTunnel(ctx, time.Duration(s.NoNewTunnel))
 	case s.Registered != nil:
 		return r.registered(ctx, s.Registered)
 	case s.StartPlugin != nil:
@@ -242,19 +264,23 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 	return errors.New("empty step")
 }
 
-// restart stops the server operator and starts a new one on its socket.
+// restart stops a server operator and starts a new one on its socket.
 func (r *caseRun) restart(ctx context.Context, rs *RestartStep) error {
-	if err := r.op.stop(rs.Mode == "crash"); err != nil {
-		return fmt.Errorf("stopping the server: %w", err)
+	if err := r.replicaIndex(rs.Replica); err != nil || len(r.ops) == 0 {
+		return errors.Join(err, errors.New("restart_operator needs the server operator"))
 	}
-	r.logf("server stopped (%s)", rs.Mode)
+	op := r.ops[rs.Replica]
+	if err := op.stop(rs.Mode == "crash"); err != nil {
+		return fmt.Errorf("stopping server %d: %w", rs.Replica, err)
+	}
+	r.logf("server %d stopped (%s)", rs.Replica, rs.Mode)
 	if err := sleep(ctx, time.Duration(rs.DownFor)); err != nil {
 		return err
 	}
-	if err := r.op.start(); err != nil {
+	if err := op.start(); err != nil {
 		return err
 	}
-	r.logf("server started again")
+	r.logf("server %d started again", rs.Replica)
 	return nil
 }
 
@@ -274,8 +300,26 @@ func (r *caseRun) call(ctx context.Context, cs *CallStep) error {
 	if name == "" {
 		name = r.c.pluginName()
 	}
-	conn := r.op.registry().Plugin(name)
+	if err := r.replicaIndex(cs.Replica); err != nil {
+		return err
+	}
+	conn := r.ops[cs.Replica].registry().Plugin(name)
 	switch {
+	case cs.RepeatFor > 0 && cs.Background:
+		if _, dup := r.calls[cs.ID]; dup {
+			return fmt.Errorf("call id %q used twice", cs.ID)
+		}
+		cctx, cancel := context.WithCancel(ctx)
+		bg := &bgCall{spec: cs, cancel: cancel, done: make(chan struct{}), repeated: true}
+		r.calls[cs.ID] = bg
+		go func() {
+			defer close(bg.done)
+			bg.err = repeatCalls(cctx, conn, cs)
+			r.logf("background calls %s ended: %v", cs.ID, bg.err)
+		}()
+		return nil
+	case cs.RepeatFor > 0:
+		return repeatCalls(ctx, conn, cs)
 	case cs.Parallel > 0:
 		return parallel(ctx, conn, cs)
 	case cs.Background || cs.Hold:
@@ -305,8 +349,27 @@ func (r *caseRun) call(ctx context.Context, cs *CallStep) error {
 	return cs.Expect.check(res)
 }
 
-// registered waits until the registry lists the wanted instances.
+// registered waits until the registry of each replica asked for lists
+// the wanted instances.
 func (r *caseRun) registered(ctx context.Context, rs *RegisteredStep) error {
+	if rs.Replica != nil {
+		if err := r.replicaIndex(*rs.Replica); err != nil {
+			return err
+		}
+		return r.registeredOn(ctx, rs, *rs.Replica)
+	}
+	// Every replica at once, so that "within" bounds them all together.
+	errs := make([]error, len(r.ops))
+	var wg sync.WaitGroup
+	for i := range r.ops {
+		wg.Go(func() { errs[i] = r.registeredOn(ctx, rs, i) })
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+func (r *caseRun) registeredOn(ctx context.Context, rs *RegisteredStep, replica int) error {
+	op := r.ops[replica]
 	want := 1
 	if rs.Count != nil {
 		want = *rs.Count
@@ -315,14 +378,18 @@ func (r *caseRun) registered(ctx context.Context, rs *RegisteredStep) error {
 	deadline := time.Now().Add(within)
 	name := r.c.pluginName()
 	before := map[string]bool{}
-	startReg := r.op.registry()
+	startReg := op.registry()
 	if rs.New {
 		for _, inst := range startReg.List() {
 			before[inst.ID] = true
 		}
 	}
+	where := ""
+	if len(r.ops) > 1 {
+		where = fmt.Sprintf(" on server %d", replica)
+	}
 	for {
-		reg := r.op.registry()
+		reg := op.registry()
 		var list []registry.Instance
 		for _, inst := range reg.List() {
 			if inst.Name == name {
@@ -338,13 +405,13 @@ func (r *caseRun) registered(ctx context.Context, rs *RegisteredStep) error {
 		if len(list) == want && fresh {
 			for _, inst := range list {
 				if err := match("instance", rs.Instance, instanceMap(inst)); rs.Instance != nil && err != nil {
-					return err
+					return fmt.Errorf("%w%s", err, where)
 				}
 			}
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%d instances of plugin %q registered after %v, want %d%s", len(list), name, within, want, map[bool]string{true: " new ones"}[rs.New])
+			return fmt.Errorf("%d instances of plugin %q registered%s after %v, want %d%s", len(list), name, where, within, want, map[bool]string{true: " new ones"}[rs.New])
 		}
 		if err := sleep(ctx, 10*time.Millisecond); err != nil {
 			return err
@@ -441,13 +508,19 @@ func (r *caseRun) rawConnect(ctx context.Context, rs *RawConnectStep) error {
 // accept takes the plugin's next tunnel to the raw operator.
 func (r *caseRun) accept(ctx context.Context, as *AcceptStep) error {
 	within := as.Within.D(5 * time.Second)
-	var rc *rawConn
-	select {
-	case rc = <-r.rawOp.conns:
-	case <-time.After(within):
-		return fmt.Errorf("the plugin opened no tunnel within %v", within)
-	case <-ctx.Done():
-		return ctx.Err()
+	ops := r.rawOps
+	if as.Replica != nil {
+		if err := r.replicaIndex(*as.Replica); err != nil {
+			return err
+		}
+		ops = ops[*as.Replica : *as.Replica+1]
+	}
+	rc, from, err := takeTunnel(ctx, ops, within)
+	if err != nil {
+		return err
+	}
+	if len(r.rawOps) > 1 {
+		r.logf("raw operator %d: took the tunnel", from)
 	}
 	r.raw = rc
 	r.raws = append(r.raws, rc)
@@ -553,4 +626,39 @@ func (rc *rawConn) next(ctx context.Context, within time.Duration) (*pb.Frame, e
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// takeTunnel takes the next tunnel the plugin opened to one of ops, and
+// which of them.
+func takeTunnel(ctx context.Context, ops []*rawOperator, within time.Duration) (*rawConn, int, error) {
+	timer := time.NewTimer(within)
+	defer timer.Stop()
+	cases := []reflect.SelectCase{
+		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(timer.C)},
+		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(ctx.Done())},
+	}
+	for _, op := range ops {
+		cases = append(cases, reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(op.conns)})
+	}
+	i, v, _ := reflect.Select(cases)
+	switch i {
+	case 0:
+		return nil, 0, fmt.Errorf("the plugin opened no tunnel within %v", within)
+	case 1:
+		return nil, 0, ctx.Err()
+	}
+	return v.Interface().(*rawConn), i - 2, nil
+}
+
+// noNewTunnel checks that no tunnel reaches the raw operators for d.
+func (r *caseRun) noNewTunnel(ctx context.Context, d time.Duration) error {
+	rc, from, err := takeTunnel(ctx, r.rawOps, d)
+	if err == nil {
+		r.raws = append(r.raws, rc)
+		return fmt.Errorf("the plugin opened a tunnel to raw operator %d within %v, want none", from, d)
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return nil
 }
