@@ -170,6 +170,12 @@ type Step struct {
 	// larger than this many bytes (encoded ConnectRequest or
 	// ConnectResponse).
 	MaxBatch Size `yaml:"max_batch"`
+	// OpensInOrder takes the StreamOpen frames received on the raw tunnel
+	// and checks that their ids have the peer's parity and increase, with
+	// at least Min of them.
+	OpensInOrder *struct {
+		Min int `yaml:"min"`
+	} `yaml:"opens_in_order"`
 	// NoNewTunnel checks that the plugin opens no tunnel to the raw
 	// operators for this long.
 	NoNewTunnel Duration `yaml:"no_new_tunnel"`

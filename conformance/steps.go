@@ -241,6 +241,32 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 			}
 		}
 		return match("frames received", s.FrameCounts, got)
+	case s.OpensInOrder != nil:
+		rc.mu.Lock()
+		var ids []uint64
+		rest := rc.queue[:0:0]
+		for _, f := range rc.queue {
+			if f.GetOpen() != nil {
+				ids = append(ids, f.GetStreamId())
+			} else {
+				rest = append(rest, f)
+			}
+		}
+		rc.queue = rest
+		rc.mu.Unlock()
+		parity := uint64(1) // the operator's
+		if rc.side == "operator" {
+			parity = 0
+		}
+		for i, id := range ids {
+			if id%2 != parity || (i > 0 && id <= ids[i-1]) {
+				return fmt.Errorf("StreamOpen ids out of order or of the wrong parity: %v", ids)
+			}
+		}
+		if len(ids) < s.OpensInOrder.Min {
+			return fmt.Errorf("%d StreamOpen frames, want at least %d", len(ids), s.OpensInOrder.Min)
+		}
+		return nil
 	case s.Credit != nil:
 		return rc.checkCredit(s.Credit)
 	case s.AwaitMessage != nil:
