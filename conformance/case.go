@@ -78,10 +78,15 @@ type OperatorSpec struct {
 	// Balanced makes the target a single address, a round-robin TCP
 	// forwarder in front of the replicas (a load-balanced Service).
 	Balanced bool `yaml:"balanced"`
+	// ListedTwice adds the address of the replica of each index to the
+	// target a second time (plugins deduplicate their address lists).
+	ListedTwice []int `yaml:"listed_twice"`
 }
 
 // tcp reports whether the operators listen on loopback TCP addresses.
-func (o OperatorSpec) tcp() bool { return o.Replicas > 1 || len(o.Aliases) > 0 || o.Balanced }
+func (o OperatorSpec) tcp() bool {
+	return o.Replicas > 1 || len(o.Aliases) > 0 || o.Balanced || len(o.ListedTwice) > 0
+}
 
 func (o OperatorSpec) replicas() int { return max(o.Replicas, 1) }
 
@@ -153,6 +158,7 @@ type Step struct {
 	Rejections      *int               `yaml:"rejections"` // registrations the server refused so far
 	Registrations   *RegistrationsStep `yaml:"registrations"`
 	Forwarder       *ForwarderStep     `yaml:"forwarder"`
+	Accepted        *AcceptedStep      `yaml:"accepted"`
 	Sleep           Duration           `yaml:"sleep"`
 
 	// Raw frames: raw_connect (the runner as a plugin, against the server)
@@ -174,8 +180,16 @@ type Step struct {
 	// and checks that their ids have the peer's parity and increase, with
 	// at least Min of them.
 	OpensInOrder *struct {
-		Min int `yaml:"min"`
+		Min         int  `yaml:"min"`
+		Consecutive bool `yaml:"consecutive"`
 	} `yaml:"opens_in_order"`
+	// ConnectCall matches the plugin's Connect call at the raw operator:
+	// whether it has a deadline, and its metadata ({key: [values]}, [] for
+	// absent).
+	ConnectCall *ConnectCallStep `yaml:"connect_call"`
+	// OneBatch checks that every frame received so far on that stream
+	// came in one batch.
+	OneBatch int `yaml:"one_batch"`
 	// NoNewTunnel checks that the plugin opens no tunnel to the raw
 	// operators for this long.
 	NoNewTunnel Duration `yaml:"no_new_tunnel"`
@@ -184,6 +198,9 @@ type Step struct {
 	UseRaw int `yaml:"use_raw"`
 	// MaxFrames checks that no batch received so far held more frames.
 	MaxFrames int `yaml:"max_frames"`
+	// Flood sends Frames copies of Frame, their stream ids stepping by 2,
+	// in batches of 4,096, and stops quietly if the tunnel ends first.
+	Flood *FloodStep `yaml:"flood"`
 	// PauseReading stops reading the raw tunnel for this long (the step
 	// returns at once), so that the peer's frames pile up in its queues.
 	PauseReading Duration `yaml:"pause_reading"`
@@ -283,6 +300,13 @@ type RegistrationsStep struct {
 	Count   any `yaml:"count"`
 }
 
+// AcceptedStep checks how many connections a replica's server has
+// accepted since it started (of every start, restarts included).
+type AcceptedStep struct {
+	Replica     int `yaml:"replica"`
+	Connections any `yaml:"connections"`
+}
+
 // ForwarderStep checks how many connections an alias or the balancer (in
 // the order of OperatorSpec: the aliases, then the balancer) has
 // relayed.
@@ -329,6 +353,11 @@ type RawConnectStep struct {
 	Settings map[string]any `yaml:"settings"`
 	// AnswerPings answers the operator's pings (default true).
 	AnswerPings *bool `yaml:"answer_pings"`
+	// Token replaces the case's token ("" sends none).
+	Token *string `yaml:"token"`
+	// ContentSubtype makes the Connect call's content-type
+	// application/grpc+SUBTYPE.
+	ContentSubtype string `yaml:"content_subtype"`
 }
 
 // AcceptStep takes the next tunnel the plugin opens to the raw operator.
@@ -406,6 +435,8 @@ type AwaitMessageStep struct {
 type SilenceStep struct {
 	For   Duration `yaml:"for"`
 	Kinds []string `yaml:"kinds"`
+	// Stream limits the check to that stream's frames (0: all).
+	Stream uint64 `yaml:"stream"`
 }
 
 // EndStep waits for the raw tunnel's Connect stream to end.
@@ -417,10 +448,25 @@ type EndStep struct {
 	MessageContains string `yaml:"message_contains"`
 }
 
-// CloseRawStep ends the raw tunnel from the runner's side.
+// CloseRawStep ends the raw tunnel from the runner's side: the raw
+// operator ends the Connect call with the status, the raw plugin
+// half-closes and cancels it (or only half-closes, with HalfClose).
 type CloseRawStep struct {
-	Code    string `yaml:"code"`
-	Message string `yaml:"message"`
+	Code      string `yaml:"code"`
+	Message   string `yaml:"message"`
+	HalfClose bool   `yaml:"half_close"`
+}
+
+// FloodStep is a flood of frames (see Step.Flood).
+type FloodStep struct {
+	Frame  FrameSpec `yaml:"frame"`
+	Frames int       `yaml:"frames"`
+}
+
+// ConnectCallStep is what the plugin's Connect call must carry.
+type ConnectCallStep struct {
+	Deadline *bool               `yaml:"deadline"`
+	Metadata map[string][]string `yaml:"metadata"`
 }
 
 // Duration is a time.Duration written as in Go ("300ms").
@@ -546,8 +592,8 @@ func (c *Case) validate() error {
 	default:
 		return fmt.Errorf("operator kind %q: want server or raw", c.Operator.Kind)
 	}
-	if c.Operator.Kind == "raw" && (c.Operator.Reject != nil || c.Operator.Token != "" || c.Operator.TLS) {
-		return errors.New("reject, token and tls need the server operator")
+	if c.Operator.Kind == "raw" && (c.Operator.Reject != nil || c.Operator.TLS) {
+		return errors.New("reject and tls need the server operator")
 	}
 	if c.Operator.tcp() && (c.Operator.Token != "" || c.Operator.TLS) {
 		return errors.New("replicas, aliases and balanced are plaintext without a token")
@@ -582,7 +628,7 @@ func (s *Step) validate(c *Case) error {
 	}
 	raw := c.Operator.Kind == "raw"
 	switch k {
-	case "call", "wait_call", "cancel_call", "registered", "restart_operator", "wait_restart", "rejections", "registrations", "raw_connect":
+	case "call", "wait_call", "cancel_call", "registered", "restart_operator", "wait_restart", "rejections", "registrations", "accepted", "raw_connect":
 		if raw {
 			return fmt.Errorf("%s needs the server operator", k)
 		}

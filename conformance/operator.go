@@ -47,6 +47,7 @@ type realOperator struct {
 
 	rejected      atomic.Int64
 	registrations atomic.Int64 // Register frames the policy saw
+	accepted      atomic.Int64 // connections accepted, over every start
 
 	mu     sync.Mutex
 	srv    *server.Server
@@ -136,7 +137,7 @@ func (o *realOperator) start() error {
 		return err
 	}
 	defer func() { o.generation++ }()
-	tl := &trackingListener{Listener: lis}
+	tl := &trackingListener{Listener: lis, accepted: &o.accepted}
 	srv, err := server.New(o.addr, append(o.options(), server.WithListener(tl))...)
 	if err != nil {
 		lis.Close()
@@ -196,9 +197,10 @@ func listenUnix(path string) (net.Listener, error) {
 // trackingListener remembers its connections so that a crash can cut them.
 type trackingListener struct {
 	net.Listener
-	mu    sync.Mutex
-	conns []net.Conn
-	dead  bool
+	accepted *atomic.Int64
+	mu       sync.Mutex
+	conns    []net.Conn
+	dead     bool
 }
 
 func (l *trackingListener) Accept() (net.Conn, error) {
@@ -211,6 +213,9 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 		dead := l.dead
 		if !dead {
 			l.conns = append(l.conns, c)
+			if l.accepted != nil {
+				l.accepted.Add(1)
+			}
 		}
 		l.mu.Unlock()
 		if !dead {

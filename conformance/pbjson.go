@@ -315,9 +315,17 @@ func metadataList(m map[string]any) ([]any, error) {
 		}
 		enc := make([]any, len(vals))
 		for i, v := range vals {
+			if m, ok := v.(map[string]any); ok && len(m) == 1 && m["size"] != nil {
+				// {size: N}: N letters, for values too large to write.
+				n, err := toInt(m["size"], plainSizes)
+				if err != nil {
+					return nil, fmt.Errorf("metadata %s: %w", k, err)
+				}
+				v = letters(n)
+			}
 			s, ok := v.(string)
 			if !ok {
-				return nil, fmt.Errorf("metadata %s: want string values", k)
+				return nil, fmt.Errorf("metadata %s: want string values (or {size: N})", k)
 			}
 			if strings.HasSuffix(k, "-bin") {
 				if _, err := base64.StdEncoding.DecodeString(s); err != nil {

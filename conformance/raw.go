@@ -142,10 +142,16 @@ type rawConn struct {
 	endErr     error
 	endAt      time.Time
 	endC       chan struct{} // closed when the stream ends
+	// The Connect call as the raw operator received it: its metadata and
+	// whether it had a deadline.
+	connectMD       metadata.MD
+	connectDeadline bool
+	// batchesOf lists, per stream, the batches its frames came in.
+	batchesOf map[uint64]map[int]bool
 }
 
 func newRawConn(side string, logf func(string, ...any), send func(any) error, closeFn func(*status.Status)) *rawConn {
-	rc := &rawConn{side: side, logf: logf, sendFn: send, closeFn: closeFn, notify: make(chan struct{}), endC: make(chan struct{}), taps: map[uint64]func(*pb.Frame){}, flow: map[uint64]*flowState{}, kinds: map[string]int{}}
+	rc := &rawConn{side: side, logf: logf, sendFn: send, closeFn: closeFn, notify: make(chan struct{}), endC: make(chan struct{}), taps: map[uint64]func(*pb.Frame){}, flow: map[uint64]*flowState{}, kinds: map[string]int{}, batchesOf: map[uint64]map[int]bool{}}
 	rc.answerPings.Store(true)
 	return rc
 }
@@ -184,7 +190,7 @@ func (rc *rawConn) waitPause() {
 		if d <= 0 {
 			return
 		}
-		time.Sleep(d)
+		time.Sleep(min(d, 20*time.Millisecond)) // a step may end the pause early
 	}
 }
 
@@ -219,6 +225,12 @@ func (rc *rawConn) read(recv func(*[]byte) error) {
 		for _, f := range batch.GetFrames() {
 			rc.mu.Lock()
 			rc.kinds[kindOf(f)]++
+			if id := f.GetStreamId(); id != 0 {
+				if rc.batchesOf[id] == nil {
+					rc.batchesOf[id] = map[int]bool{}
+				}
+				rc.batchesOf[id][rc.batches] = true
+			}
 			tap := rc.taps[f.GetStreamId()]
 			if m := f.GetMessage(); m != nil && f.GetStreamId() != 0 {
 				fs := rc.flowOf(f.GetStreamId())
@@ -573,7 +585,7 @@ func (rc *rawConn) await(ctx context.Context, m FrameMatch) (*pb.Frame, error) {
 
 // expectSilence checks that no frame of these kinds is queued or arrives
 // for d.
-func (rc *rawConn) expectSilence(ctx context.Context, d time.Duration, kinds []string) error {
+func (rc *rawConn) expectSilence(ctx context.Context, d time.Duration, kinds []string, stream uint64) error {
 	timer := time.NewTimer(d)
 	defer timer.Stop()
 	for {
@@ -585,6 +597,9 @@ func (rc *rawConn) expectSilence(ctx context.Context, d time.Duration, kinds []s
 			return fmt.Errorf("the stream ended: %v", err)
 		}
 		for _, f := range rc.queue {
+			if stream != 0 && f.GetStreamId() != stream {
+				continue
+			}
 			if k := kindOf(f); len(kinds) == 0 || slices.Contains(kinds, k) {
 				rc.mu.Unlock()
 				return fmt.Errorf("got %s, want no %v frame", describeFrame(f), kinds)
@@ -751,6 +766,8 @@ func (s *rawOperatorService) Connect(stream grpc.BidiStreamingServer[pb.ConnectR
 			default:
 			}
 		})
+	rc.connectMD, _ = metadata.FromIncomingContext(stream.Context())
+	_, rc.connectDeadline = stream.Context().Deadline()
 	readDone := make(chan struct{})
 	go func() {
 		defer close(readDone)
@@ -778,7 +795,7 @@ func (op *rawOperator) stop() {
 }
 
 // dialRaw opens a tunnel to the server at target as a raw plugin.
-func dialRaw(ctx context.Context, target string, creds credentials.TransportCredentials, token string, logf func(string, ...any)) (*rawConn, func(), error) {
+func dialRaw(ctx context.Context, target string, creds credentials.TransportCredentials, token, subtype string, logf func(string, ...any)) (*rawConn, func(), error) {
 	if creds == nil {
 		creds = insecure.NewCredentials()
 	}
@@ -790,9 +807,12 @@ func dialRaw(ctx context.Context, target string, creds credentials.TransportCred
 	if token != "" {
 		sctx = metadata.AppendToOutgoingContext(sctx, "authorization", "Bearer "+token)
 	}
+	opts := []grpc.CallOption{grpc.ForceCodecV2(rawCodec{}), grpc.MaxCallRecvMsgSize(64 << 20), grpc.MaxCallSendMsgSize(64 << 20)}
+	if subtype != "" {
+		opts = append(opts, grpc.CallContentSubtype(subtype))
+	}
 	cs, err := cc.NewStream(sctx, &grpc.StreamDesc{ServerStreams: true, ClientStreams: true},
-		pb.PluginFrameworkService_Connect_FullMethodName,
-		grpc.ForceCodecV2(rawCodec{}), grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20))
+		pb.PluginFrameworkService_Connect_FullMethodName, opts...)
 	if err != nil {
 		cancel()
 		cc.Close()
@@ -800,7 +820,12 @@ func dialRaw(ctx context.Context, target string, creds credentials.TransportCred
 	}
 	rc := newRawConn("plugin", logf,
 		func(v any) error { return cs.SendMsg(v) },
-		func(*status.Status) { _ = cs.CloseSend(); cancel() })
+		func(st *status.Status) {
+			_ = cs.CloseSend()
+			if st != nil { // nil: a half-close only
+				cancel()
+			}
+		})
 	readDone := make(chan struct{})
 	go func() {
 		defer close(readDone)

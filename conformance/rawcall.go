@@ -244,6 +244,10 @@ func (s *rawStream) onFrame(f *pb.Frame) {
 				s.violate("message chunk longer than its declared size (%d > %d)", len(data), m.GetSize())
 				return
 			}
+			if len(data) == 0 && m.GetSize() > 0 {
+				s.violate("a first chunk without data for a message of %d bytes (spec 7.1: senders should not)", m.GetSize())
+				return
+			}
 			s.partial = make([]byte, 0, m.GetSize())
 			s.pending = int(m.GetSize())
 		} else if len(data) == 0 {

@@ -147,7 +147,7 @@ type replicaSet struct {
 // newReplicaSet listens for n replicas, starts the aliases (each a
 // forwarder to the replica of that index) and, when balanced, a
 // round-robin forwarder in front of all, which is then the target.
-func newReplicaSet(n int, aliases []int, balanced bool, logf func(string, ...any)) (*replicaSet, error) {
+func newReplicaSet(n int, aliases []int, balanced bool, twice []int, logf func(string, ...any)) (*replicaSet, error) {
 	extra := len(aliases)
 	if balanced {
 		extra++
@@ -176,6 +176,13 @@ func newReplicaSet(n int, aliases []int, balanced bool, logf func(string, ...any
 		f := startForwarder(lis[n+extra-1], rs.addrs, logf)
 		rs.forwarders = append(rs.forwarders, f)
 		targets = []string{f.addr()}
+	}
+	for _, i := range twice {
+		if i < 0 || i >= n {
+			rs.stop()
+			return nil, fmt.Errorf("listed_twice: no replica %d", i)
+		}
+		targets = append(targets, rs.addrs[i])
 	}
 	rs.target = "ipv4:" + strings.Join(targets, ",")
 	return rs, nil

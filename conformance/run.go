@@ -279,7 +279,7 @@ func (r *caseRun) setup(ctx context.Context) error {
 	}
 	op := r.c.Operator
 	if op.tcp() {
-		if r.replicas, err = newReplicaSet(op.replicas(), op.Aliases, op.Balanced, r.logf); err != nil {
+		if r.replicas, err = newReplicaSet(op.replicas(), op.Aliases, op.Balanced, op.ListedTwice, r.logf); err != nil {
 			return err
 		}
 		r.logf("operators on %v; the plugin's target is %s", r.replicas.addrs, r.replicas.target)

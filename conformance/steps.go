@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
 	"github.com/guilhem/operator-plugin-framework/go/registry"
@@ -115,6 +116,12 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 		}
 		got := r.ops[s.Registrations.Replica].registrations.Load()
 		return match(fmt.Sprintf("registrations seen by server %d", s.Registrations.Replica), s.Registrations.Count, got)
+	case s.Accepted != nil:
+		if err := r.replicaIndex(s.Accepted.Replica); err != nil {
+			return err
+		}
+		got := r.ops[s.Accepted.Replica].accepted.Load()
+		return match(fmt.Sprintf("connections accepted by server %d", s.Accepted.Replica), s.Accepted.Connections, got)
 	case s.Forwarder != nil:
 		if r.replicas == nil || s.Forwarder.Index < 0 || s.Forwarder.Index >= len(r.replicas.forwarders) {
 			return fmt.Errorf("no forwarder %d", s.Forwarder.Index)
@@ -196,9 +203,35 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 		_, err := rc.await(ctx, *s.Await)
 		return err
 	case s.ExpectSilence != nil:
-		return rc.expectSilence(ctx, s.ExpectSilence.For.D(300*time.Millisecond), s.ExpectSilence.Kinds)
+		return rc.expectSilence(ctx, s.ExpectSilence.For.D(300*time.Millisecond), s.ExpectSilence.Kinds, s.ExpectSilence.Stream)
+	case s.Flood != nil:
+		f, err := rc.buildFrame(s.Flood.Frame)
+		if err != nil {
+			return err
+		}
+		sent := 0
+		for sent < s.Flood.Frames {
+			batch := make([]*pb.Frame, 0, min(maxBatchFrames, s.Flood.Frames-sent))
+			for range cap(batch) {
+				g := proto.Clone(f).(*pb.Frame)
+				if f.GetStreamId() != 0 {
+					g.StreamId = f.GetStreamId() + uint64(2*sent)
+				}
+				batch = append(batch, g)
+				sent++
+			}
+			if err := rc.sendFrames(batch); err != nil {
+				r.logf("raw %s: the flood stopped after %d frames: %v", rc.side, sent-len(batch), err)
+				return nil
+			}
+		}
+		r.logf("raw %s: flooded %d frames of %s", rc.side, sent, describeFrame(f))
+		return nil
 	case s.ExpectEnd != nil:
 		e := s.ExpectEnd
+		rc.mu.Lock()
+		rc.pauseUntil = time.Time{} // reading again, to see the end
+		rc.mu.Unlock()
 		how, err := rc.awaitEnd(ctx, e.Within.D(3*time.Second))
 		if err != nil {
 			return err
@@ -266,6 +299,11 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 		if len(ids) < s.OpensInOrder.Min {
 			return fmt.Errorf("%d StreamOpen frames, want at least %d", len(ids), s.OpensInOrder.Min)
 		}
+		for i := 1; s.OpensInOrder.Consecutive && i < len(ids); i++ {
+			if ids[i] != ids[i-1]+2 {
+				return fmt.Errorf("StreamOpen ids not consecutive: %d after %d (%v)", ids[i], ids[i-1], ids)
+			}
+		}
 		return nil
 	case s.Credit != nil:
 		return rc.checkCredit(s.Credit)
@@ -280,11 +318,34 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 		}
 		return nil
 	case s.CloseRaw != nil:
+		if s.CloseRaw.HalfClose {
+			if rc.side != "plugin" {
+				return errors.New("close_raw half_close: only the raw plugin half-closes")
+			}
+			rc.closeFn(nil)
+			return nil
+		}
 		code, err := codeByName(s.CloseRaw.Code)
 		if err != nil {
 			return err
 		}
 		rc.closeFn(status.New(code, s.CloseRaw.Message))
+		return nil
+	case s.ConnectCall != nil:
+		if rc.side != "operator" {
+			return errors.New("connect_call: only the raw operator sees the plugin's Connect call")
+		}
+		if s.ConnectCall.Deadline != nil && *s.ConnectCall.Deadline != rc.connectDeadline {
+			return fmt.Errorf("the Connect call has a deadline: %v, want %v", rc.connectDeadline, *s.ConnectCall.Deadline)
+		}
+		return checkMetadata("Connect metadata", s.ConnectCall.Metadata, rc.connectMD)
+	case s.OneBatch != 0:
+		rc.mu.Lock()
+		n := len(rc.batchesOf[uint64(s.OneBatch)])
+		rc.mu.Unlock()
+		if n != 1 {
+			return fmt.Errorf("the frames of stream %d came in %d batches, want 1", s.OneBatch, n)
+		}
 		return nil
 	}
 	return errors.New("empty step")
@@ -486,7 +547,11 @@ func (r *caseRun) rawConnect(ctx context.Context, rs *RawConnectStep) error {
 	if r.tls != nil {
 		creds = r.tls.clientCreds()
 	}
-	rc, stop, err := dialRaw(ctx, r.target(), creds, r.c.Operator.Token, r.logf)
+	token := r.c.Operator.Token
+	if rs.Token != nil {
+		token = *rs.Token
+	}
+	rc, stop, err := dialRaw(ctx, r.target(), creds, token, rs.ContentSubtype, r.logf)
 	if err != nil {
 		return err
 	}
@@ -688,3 +753,6 @@ func (r *caseRun) noNewTunnel(ctx context.Context, d time.Duration) error {
 	}
 	return nil
 }
+
+// maxBatchFrames is the most frames a batch may hold (spec 3.1).
+const maxBatchFrames = 4096
