@@ -160,7 +160,7 @@ func doCall(ctx context.Context, conn grpc.ClientConnInterface, cs *CallStep, ho
 		}
 	case "ServerStream":
 		var stream grpc.ServerStreamingClient[conformancev1.ServerStreamResponse]
-		stream, callErr = client.ServerStream(ctx, reqs[0].(*conformancev1.ServerStreamRequest))
+		stream, callErr = serverStream(ctx, conn, reqs[0])
 		if callErr == nil {
 			waitHold()
 			for {
@@ -213,6 +213,24 @@ func doCall(ctx context.Context, conn grpc.ClientConnInterface, cs *CallStep, ho
 	}
 	res.st = status.Convert(callErr)
 	return res
+}
+
+// serverStream opens a ServerStream call. Unlike the generated client, it
+// ignores the io.EOF of a request sent after the call ended (as gRPC's
+// SendMsg reports it), so that Recv gives the call's real status.
+func serverStream(ctx context.Context, conn grpc.ClientConnInterface, req proto.Message) (grpc.ServerStreamingClient[conformancev1.ServerStreamResponse], error) {
+	desc := &conformancev1.ConformanceService_ServiceDesc.Streams[0]
+	cs, err := conn.NewStream(ctx, desc, conformancev1.ConformanceService_ServerStream_FullMethodName)
+	if err != nil {
+		return nil, err
+	}
+	if err := cs.SendMsg(req); err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	if err := cs.CloseSend(); err != nil {
+		return nil, err
+	}
+	return &grpc.GenericClientStream[conformancev1.ServerStreamRequest, conformancev1.ServerStreamResponse]{ClientStream: cs}, nil
 }
 
 // bidi sends each request and reads the responses its action asks for

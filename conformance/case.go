@@ -34,7 +34,10 @@ type Case struct {
 	Plugin   PluginSpec   `yaml:"plugin"`
 	// Timeout bounds the whole case. Default 60 s.
 	Timeout Duration `yaml:"timeout"`
-	Steps   []Step   `yaml:"steps"`
+	// Exclusive runs the case alone, not beside others (--parallel): it
+	// moves much data or checks tight timings.
+	Exclusive bool   `yaml:"exclusive"`
+	Steps     []Step `yaml:"steps"`
 
 	file string
 }

@@ -526,7 +526,7 @@ func (c *icall) do(ctx context.Context, conn grpc.ClientConnInterface) (int64, e
 		}
 	case "ServerStream":
 		var stream grpc.ServerStreamingClient[conformancev1.ServerStreamResponse]
-		if stream, err = client.ServerStream(ctx, c.reqs[0].(*conformancev1.ServerStreamRequest)); err == nil {
+		if stream, err = serverStream(ctx, conn, c.reqs[0]); err == nil {
 			for {
 				resp, rerr := stream.Recv()
 				if rerr != nil {

@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -50,6 +51,9 @@ type Config struct {
 	// Grace is how long a plugin may take to exit after SIGTERM before it
 	// is killed. Default 5 s.
 	Grace time.Duration
+	// Parallel is how many cases run at once (default 1); cases marked
+	// exclusive run alone.
+	Parallel int
 	// Seed makes the random choices of the cases (payload sizes and
 	// contents); each case derives its own from it and its name, so that
 	// one case can be rerun alone with the same choices. 0 picks one.
@@ -172,7 +176,12 @@ func Run(ctx context.Context, cfg Config) (Summary, error) {
 			}
 		}
 	}
-	var sum Summary
+	type job struct {
+		sdk SDK
+		c   *Case
+		i   int
+	}
+	var jobs, exclusive []job
 	for _, sdk := range cfg.SDKs {
 		for _, c := range cases {
 			if cfg.Filter != nil && !cfg.Filter.MatchString(c.Name) {
@@ -181,14 +190,49 @@ func Run(ctx context.Context, cfg Config) (Summary, error) {
 			if c.TestsOperator() && !sdk.OperatorCases {
 				continue
 			}
-			if ctx.Err() != nil {
-				return sum, ctx.Err()
+			j := job{sdk: sdk, c: c, i: len(jobs) + len(exclusive)}
+			if c.Exclusive || cfg.Parallel <= 1 {
+				exclusive = append(exclusive, j)
+			} else {
+				jobs = append(jobs, j)
 			}
-			res, logs := runCase(ctx, cfg, sdk, c)
-			sum.Results = append(sum.Results, res)
-			report(out, cfg, c, res, logs)
 		}
 	}
+	results := make([]Result, len(jobs)+len(exclusive))
+	var outMu sync.Mutex
+	run := func(j job) {
+		if ctx.Err() != nil {
+			return
+		}
+		res, logs := runCase(ctx, cfg, j.sdk, j.c)
+		results[j.i] = res
+		outMu.Lock()
+		report(out, cfg, j.c, res, logs)
+		outMu.Unlock()
+	}
+	// Cases run Parallel at a time; exclusive ones (heavy or tightly timed)
+	// alone, after the others, so that they get the machine to themselves.
+	queue := make(chan job)
+	var wg sync.WaitGroup
+	for range max(cfg.Parallel, 1) {
+		wg.Go(func() {
+			for j := range queue {
+				run(j)
+			}
+		})
+	}
+	for _, j := range jobs {
+		queue <- j
+	}
+	close(queue)
+	wg.Wait()
+	for _, j := range exclusive {
+		run(j)
+	}
+	if ctx.Err() != nil {
+		return Summary{}, ctx.Err()
+	}
+	sum := Summary{Results: results}
 	fmt.Fprintln(out)
 	for _, sdk := range cfg.SDKs {
 		p, f := sum.Counts(sdk.Name)
