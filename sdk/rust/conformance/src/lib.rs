@@ -138,6 +138,13 @@ impl Call {
             keys: Vec::new(),
             finished: false,
         }
+        .with_empty_digest()
+    }
+
+    /// The digest of no request at all.
+    fn with_empty_digest(mut self) -> Self {
+        self.obs.request_digest = Bytes::copy_from_slice(&Sha256::new().finalize());
+        self
     }
 
     fn received(&mut self, payload: &[u8]) {
@@ -211,21 +218,28 @@ fn single_size(a: &Action) -> Option<u32> {
     }
 }
 
-fn to_metadata(entries: &[MetadataEntry]) -> MetadataMap {
+/// The entries as tonic metadata. A value tonic cannot represent (a control
+/// character in a text value) fails the call with INTERNAL, as setting it
+/// would on any gRPC server: nothing invalid is sent.
+fn to_metadata(entries: &[MetadataEntry]) -> Result<MetadataMap, Status> {
     let mut md = MetadataMap::new();
     for e in entries {
+        let bad = || Status::internal(format!("invalid metadata {:?}", e.key));
         for v in &e.values {
             if e.key.ends_with("-bin") {
-                if let Ok(k) = MetadataKey::from_bytes(e.key.as_bytes()) {
-                    md.append_bin(k, MetadataValue::from_bytes(v));
-                }
-            } else if let (Ok(k), Ok(v)) = (MetadataKey::from_bytes(e.key.as_bytes()), MetadataValue::try_from(&v[..]))
-            {
-                md.append(k, v);
+                md.append_bin(
+                    MetadataKey::from_bytes(e.key.as_bytes()).map_err(|_| bad())?,
+                    MetadataValue::from_bytes(v),
+                );
+            } else {
+                let k = MetadataKey::from_bytes(e.key.as_bytes()).map_err(|_| bad())?;
+                let printable = v.iter().all(|&c| (0x20..=0x7e).contains(&c));
+                let value = MetadataValue::try_from(&v[..]).ok().filter(|_| printable).ok_or_else(bad)?;
+                md.append(k, value);
             }
         }
     }
-    md
+    Ok(md)
 }
 
 /// Where a handler's headers and trailers go: the SDK's
@@ -246,26 +260,28 @@ impl Meta {
         }
     }
 
-    fn headers(&mut self, entries: &[MetadataEntry]) {
+    fn headers(&mut self, entries: &[MetadataEntry]) -> Result<(), Status> {
         if entries.is_empty() {
-            return;
+            return Ok(());
         }
-        let md = to_metadata(entries);
+        let md = to_metadata(entries)?;
         match &self.handle {
             Some(h) => h.add_headers(md),
             None => self.headers.as_mut().extend(md.into_headers()),
         }
+        Ok(())
     }
 
-    fn trailers(&mut self, entries: &[MetadataEntry]) {
+    fn trailers(&mut self, entries: &[MetadataEntry]) -> Result<(), Status> {
         if entries.is_empty() {
-            return;
+            return Ok(());
         }
-        let md = to_metadata(entries);
+        let md = to_metadata(entries)?;
         match &self.handle {
             Some(h) => h.add_trailers(md),
             None => self.trailers.as_mut().extend(md.into_headers()),
         }
+        Ok(())
     }
 
     fn respond<T>(&mut self, msg: T) -> Response<T> {
@@ -288,9 +304,9 @@ impl Meta {
 
 /// Steps 1–3 of an action: headers, sleep, wait for the cancel. A cancel or
 /// deadline drops the future, which is how the call stops.
-async fn before(a: &Action, meta: &mut Meta, headers: bool) {
+async fn before(a: &Action, meta: &mut Meta, headers: bool) -> Result<(), Status> {
     if headers {
-        meta.headers(&a.headers);
+        meta.headers(&a.headers)?;
     }
     if let Some(d) = &a.sleep {
         tokio::time::sleep(std_duration(d)).await;
@@ -298,6 +314,7 @@ async fn before(a: &Action, meta: &mut Meta, headers: bool) {
     if a.wait_for_cancel {
         std::future::pending::<()>().await;
     }
+    Ok(())
 }
 
 /// Steps 5–7: panic, trailers, fail.
@@ -305,7 +322,7 @@ fn after(a: &Action, meta: &mut Meta) -> Result<(), Status> {
     if a.panic {
         panic!("conformance: the action asked for a panic");
     }
-    meta.trailers(&a.trailers);
+    meta.trailers(&a.trailers)?;
     match meta.fail(a) {
         Some(s) => Err(s),
         None => Ok(()),
@@ -397,7 +414,10 @@ impl ConformanceService for Conformance {
         let a = r.action.unwrap_or_default();
         call.key(&a);
         call.received(&r.payload);
-        before(&a, &mut meta, true).await;
+        if let Err(s) = before(&a, &mut meta, true).await {
+            call.finish();
+            return Err(s);
+        }
         let payload = match single_size(&a) {
             Some(n) => payload(n, a.seed, 0),
             None => r.payload,
@@ -422,10 +442,13 @@ impl ConformanceService for Conformance {
         call.received(&r.payload);
         // Headers are set before the response starts; the rest runs in
         // the stream, so that a cancel drops it.
-        meta.headers(&a.headers);
+        if let Err(s) = meta.headers(&a.headers) {
+            call.finish();
+            return Err(s);
+        }
         let headers = std::mem::take(&mut meta.headers);
         let stream = Gen::new(move |tx| async move {
-            before(&a, &mut meta, false).await;
+            let _ = before(&a, &mut meta, false).await;
             let mut index = 0;
             let sent = send_all(&a, &r.payload, &call, &mut index, &tx, |payload, index, observation| {
                 ServerStreamResponse { payload, index, observation }
@@ -455,8 +478,10 @@ impl ConformanceService for Conformance {
             last = r.payload;
             let a = r.action.unwrap_or_default();
             call.key(&a);
-            before(&a, &mut meta, true).await;
-            after(&a, &mut meta)?;
+            if let Err(s) = before(&a, &mut meta, true).await.and_then(|()| after(&a, &mut meta)) {
+                call.finish();
+                return Err(s);
+            }
             first.get_or_insert(a);
         }
         let first = first.unwrap_or_default();
@@ -503,7 +528,10 @@ impl ConformanceService for Conformance {
                     call.key(&a);
                     // Headers leave with the first response: later ones are
                     // ignored, as the proto says.
-                    before(&a, &mut meta, index == 0).await;
+                    if let Err(s) = before(&a, &mut meta, index == 0).await {
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
                     if !send_all(&a, &r.payload, &call, &mut index, &tx, |payload, index, observation| {
                         BidiStreamResponse { payload, index, observation }
                     })

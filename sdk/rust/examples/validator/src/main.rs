@@ -1,5 +1,7 @@
 //! The demo's Rust plugin: serves `demo.v1.ValidatorService` through the
-//! operator at `$OPF_DEMO_TARGET` until SIGTERM, Ctrl-C or the end of its
+//! operator at `$OPF_DEMO_TARGET`, registered as `$OPF_DEMO_PLUGIN_NAME`
+//! (default `validator-rust`, so that the operator can call it by name
+//! beside the Go `validator`), until SIGTERM, Ctrl-C or the end of its
 //! standard input (so that it never outlives the demo that started it).
 
 use opf::Plugin;
@@ -23,7 +25,8 @@ async fn main() -> Result<(), opf::Error> {
         }
         tracing::info!("draining");
     };
-    Plugin::builder("validator", "v1.0.0-rust")
+    let name = std::env::var("OPF_DEMO_PLUGIN_NAME").unwrap_or_else(|_| "validator-rust".into());
+    Plugin::builder(name, "v1.0.0")
         .label("language", "rust")
         .add_service(ValidatorServiceServer::new(Validator))
         .serve_with_shutdown(&target, stop)

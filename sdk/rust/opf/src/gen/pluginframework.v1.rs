@@ -172,6 +172,12 @@ pub struct GoAway {
     /// without waiting.
     #[prost(message, optional, tag = "1")]
     pub reason: ::core::option::Option<super::super::google::rpc::Status>,
+    /// The highest stream id the receiver of this GoAway opened that the
+    /// sender had received when it sent it. The receiver's streams with higher
+    /// ids crossed the GoAway: the sender refuses them, so the receiver fails
+    /// them at once as never run (spec 12.1). Unset: not said (an older peer).
+    #[prost(uint64, optional, tag = "2")]
+    pub last_stream_id: ::core::option::Option<u64>,
 }
 /// StreamOpen starts a call: the sender is the caller, the receiver runs the
 /// handler.

@@ -35,8 +35,10 @@ pub(crate) fn frame(stream_id: u64, kind: Kind) -> pb::Frame {
     pb::Frame { stream_id, kind: Some(kind) }
 }
 
-pub(crate) fn go_away(s: RpcStatus) -> pb::Frame {
-    frame(0, Kind::GoAway(pb::GoAway { reason: Some(s) }))
+/// A `GoAway`; `last_stream_id` is the highest stream the peer opened
+/// that this side received (spec §12.1).
+pub(crate) fn go_away(s: RpcStatus, last_stream_id: u64) -> pb::Frame {
+    frame(0, Kind::GoAway(pb::GoAway { reason: Some(s), last_stream_id: Some(last_stream_id) }))
 }
 
 pub(crate) fn close(stream_id: u64, s: RpcStatus, trailers: Vec<pb::MetadataEntry>) -> pb::Frame {
@@ -75,6 +77,27 @@ pub(crate) fn kind_number(k: &Kind) -> u32 {
         Kind::Cancel(_) => 14,
         Kind::Close(_) => 15,
         Kind::WindowUpdate(_) => 16,
+    }
+}
+
+/// The kind's name in the schema (the `Frame` oneof), as the spec's
+/// reference texts name frames.
+pub(crate) fn kind_name(k: &Kind) -> &'static str {
+    match k {
+        Kind::Hello(_) => "hello",
+        Kind::Register(_) => "register",
+        Kind::RegisterAck(_) => "register_ack",
+        Kind::RegisterReject(_) => "register_reject",
+        Kind::Ping(_) => "ping",
+        Kind::Pong(_) => "pong",
+        Kind::GoAway(_) => "go_away",
+        Kind::Open(_) => "open",
+        Kind::Headers(_) => "headers",
+        Kind::Message(_) => "message",
+        Kind::HalfClose(_) => "half_close",
+        Kind::Cancel(_) => "cancel",
+        Kind::Close(_) => "close",
+        Kind::WindowUpdate(_) => "window_update",
     }
 }
 

@@ -36,7 +36,7 @@ use crate::proto::pluginframework::v1 as pb;
 use crate::proto::pluginframework::v1::plugin_framework_service_client::PluginFrameworkServiceClient;
 use defaults::*;
 use dispatch::{Handler, Opened};
-use frame::{RpcStatus, TunnelError, is_stream_kind, kind_number, status};
+use frame::{RpcStatus, TunnelError, is_stream_kind, kind_name, status};
 use pb::frame::Kind;
 use settings::Limits;
 use stream::{Phase, StreamEntry};
@@ -338,7 +338,7 @@ impl Conn {
         self.goaway_sent = true;
         self.a.replicas.release(self.a.id);
         // A GoAway leaves even when the control queue is full.
-        self.shared.outbox.urgent(frame::go_away(st));
+        self.shared.outbox.urgent(frame::go_away(st, self.highest));
     }
 
     /// Sends what is queued, within `wait`.
@@ -379,7 +379,16 @@ impl Conn {
         if batch.frames.len() > MAX_FRAMES_PER_BATCH {
             return Err(TunnelError::new(Code::ResourceExhausted, "batch of more than 4096 frames").into());
         }
-        for f in batch.frames {
+        // A chunk's data is a view of the batch's buffer, which it keeps
+        // alive. Chunks under half the batch are copied, so that what a
+        // stream holds stays within twice its cost (spec §8.2).
+        let copy_below = prost::Message::encoded_len(&batch) / 2;
+        for mut f in batch.frames {
+            if let Some(Kind::Message(m)) = &mut f.kind
+                && m.data.len() < copy_below
+            {
+                m.data = bytes::Bytes::copy_from_slice(&m.data);
+            }
             self.on_frame(f)?;
         }
         Ok(())
@@ -389,7 +398,7 @@ impl Conn {
         // A kind from a later version decodes as no kind: ignored (§15).
         let Some(kind) = f.kind else { return Ok(()) };
         let id = f.stream_id;
-        let k = kind_number(&kind);
+        let k = kind_name(&kind);
         if id == 0 {
             if is_stream_kind(&kind) {
                 return Err(TunnelError::new(Code::Internal, format!("stream frame {k} on stream 0")).into());
