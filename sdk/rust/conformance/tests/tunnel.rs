@@ -154,10 +154,15 @@ async fn status_code_message_and_details() {
 
     let mut raw = tonic::client::Grpc::new(unix_channel(&op.proxy).await);
     raw.ready().await.unwrap();
-    let path = http::uri::PathAndQuery::from_static("/conformance.v1.NoSuchService/Unary");
+    // (An unknown service is not routed to the plugin at all: the operator
+    // has no instance serving it, and the proxy waits for one.)
+    let path = http::uri::PathAndQuery::from_static("/conformance.v1.ConformanceService/NoSuchMethod");
     let codec = tonic_prost::ProstCodec::<UnaryRequest, UnaryResponse>::default();
-    let e = raw.unary(tonic::Request::new(UnaryRequest::default()), path, codec).await.unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
+    let mut req = tonic::Request::new(UnaryRequest::default());
+    req.set_timeout(5 * SEC);
+    let e = raw.unary(req, path, codec).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    assert!(e.message().contains("NoSuchMethod"), "{e:?}");
     plugin.shutdown().await;
     op.stop().await;
 }

@@ -167,7 +167,10 @@ pub fn signal(child: &Child, sig: &str) {
 
 pub async fn unix_channel(addr: &str) -> Channel {
     let path = PathBuf::from(addr.strip_prefix("unix://").unwrap());
+    // A bound on every call, so that a broken tunnel fails a test instead
+    // of hanging it (the proxy waits for a plugin to register).
     Endpoint::from_static("http://localhost")
+        .timeout(Duration::from_secs(60))
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
