@@ -54,13 +54,20 @@ func goBuild(modfile, out, pkg string) error {
 func tool(name string) string { return filepath.Join(binDir, name) }
 
 // Generate regenerates the code generated from proto/ (into go/gen) and
-// from examples/proto (into examples/gen).
+// from examples/proto (into examples/gen), and the Python SDK's (into
+// sdk/python).
 func Generate() error {
 	mg.Deps(Tools)
 	if err := sh.RunV(tool("buf"), "generate"); err != nil {
 		return err
 	}
-	return sh.RunV(tool("buf"), "generate", "--template", "examples/buf.gen.yaml")
+	if err := sh.RunV(tool("buf"), "generate", "--template", "examples/buf.gen.yaml"); err != nil {
+		return err
+	}
+	if pythonPresent() {
+		return Python{}.Generate() // magefile_python.go
+	}
+	return nil
 }
 
 // Breaking checks proto/ for changes that break wire compatibility with a
@@ -75,7 +82,7 @@ func Breaking() error {
 }
 
 // Lint checks formatting, vet, staticcheck, buf lint, and that generated
-// code matches proto/.
+// code matches proto/; for the Python SDK, ruff, mypy and its generated code.
 func Lint() error {
 	mg.Deps(Tools)
 	out, err := sh.Output("gofmt", append([]string{"-l", "magefile.go"}, goModules()...)...)
@@ -96,7 +103,13 @@ func Lint() error {
 	if err := sh.RunV(tool("buf"), "lint"); err != nil {
 		return err
 	}
-	return checkGenerated()
+	if err := checkGenerated(); err != nil {
+		return err
+	}
+	if pythonPresent() {
+		return Python{}.Lint() // magefile_python.go
+	}
+	return nil
 }
 
 // checkGenerated regenerates into a scratch copy and fails when the
@@ -130,12 +143,18 @@ func goModules() []string {
 }
 
 // Test runs lint and every test suite: the Go tests with the race detector
-// and goroutine-leak checks, the conformance suite against every SDK, and
-// the end-to-end tests against real Kubernetes components.
+// and goroutine-leak checks, the Python SDK's pytest suite, the conformance
+// suite against every SDK, and the end-to-end tests against real Kubernetes
+// components.
 func Test(ctx context.Context) error {
 	mg.SerialCtxDeps(ctx, Lint)
 	for _, dir := range goModules() {
 		if err := runIn(dir, nil, "go", "test", "-race", "-count=1", "-timeout=10m", "./..."); err != nil {
+			return err
+		}
+	}
+	if pythonPresent() {
+		if err := pythonTests(); err != nil { // magefile_python.go; Lint ran above
 			return err
 		}
 	}

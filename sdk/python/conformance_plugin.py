@@ -11,6 +11,7 @@ The SDK is imported from the tree (src/), not installed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -77,7 +78,9 @@ class Call:
             self.obs.deadline_left.CopyFrom(duration(left))
         grouped: dict[str, list[bytes]] = {}
         for key, value in context.invocation_metadata() or ():
-            grouped.setdefault(key, []).append(value if isinstance(value, bytes) else value.encode())
+            grouped.setdefault(key, []).append(
+                value if isinstance(value, bytes) else value.encode()
+            )
         for key in sorted(grouped):
             self.obs.metadata.add(key=key, values=grouped[key])
         self._digest = hashlib.sha256()
@@ -148,7 +151,9 @@ class Conformance(cgrpc.ConformanceServiceServicer):
             trailers.extend(to_metadata(a.trailers))
             context.set_trailing_metadata(trailers)
         if a.HasField("fail") and a.fail.code != 0:
-            code = {c.value[0]: c for c in grpc.StatusCode}.get(a.fail.code, grpc.StatusCode.UNKNOWN)
+            code = {c.value[0]: c for c in grpc.StatusCode}.get(
+                a.fail.code, grpc.StatusCode.UNKNOWN
+            )
             md = [*trailers]
             if a.fail.details:
                 md.append((_DETAILS_KEY, a.fail.SerializeToString()))
@@ -311,10 +316,8 @@ class Conformance(cgrpc.ConformanceServiceServicer):
                         grpc.StatusCode.NOT_FOUND,
                         f'no observation recorded under "{request.key}"',
                     )
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._recorded.wait(), left)
-                except asyncio.TimeoutError:
-                    pass
         return cpb.GetObservationResponse(observation=self._records[request.key])
 
 
@@ -332,7 +335,7 @@ async def serve_direct(address: str) -> None:
             ("grpc.max_send_message_length", -1),
         ]
     )
-    cgrpc.add_ConformanceServiceServicer_to_server(Conformance(), server)
+    cgrpc.add_ConformanceServiceServicer_to_server(Conformance(), server)  # type: ignore[no-untyped-call]
     server.add_insecure_port(address)
     await server.start()
     print("listening", flush=True)
@@ -363,7 +366,7 @@ async def serve_tunnel() -> None:
     plugin = opf.Plugin(
         name, os.environ.get("OPF_CONFORMANCE_PLUGIN_VERSION", ""), target=target, **options
     )
-    cgrpc.add_ConformanceServiceServicer_to_server(Conformance(), plugin)
+    cgrpc.add_ConformanceServiceServicer_to_server(Conformance(), plugin)  # type: ignore[no-untyped-call]
     await plugin.serve()
 
 

@@ -130,7 +130,9 @@ class Context(grpc.aio.ServicerContext[Any, Any]):
     def trailing_metadata(self) -> Any:
         return self._trailing if self._trailing is not None else ()
 
-    def invocation_metadata(self) -> tuple[_metadata.Metadatum, ...]:
+    # grpc.aio hands handlers a tuple of (key, value) pairs, as here; its
+    # stubs say Metadata.
+    def invocation_metadata(self) -> tuple[_metadata.Metadatum, ...]:  # type: ignore[override]
         return self._stream.metadata
 
     # --- status -----------------------------------------------------------
@@ -264,7 +266,7 @@ class SyncContext(grpc.ServicerContext):
     def peer_identity_key(self) -> str | None:
         return None
 
-    def auth_context(self) -> Mapping[str, Iterable[bytes]]:
+    def auth_context(self) -> Mapping[str, bytes]:
         return {}
 
     def set_compression(self, compression: grpc.Compression) -> None:
@@ -303,10 +305,11 @@ class SyncContext(grpc.ServicerContext):
     def is_active(self) -> bool:
         return not self._ctx.done()
 
-    def time_remaining(self) -> float | None:
+    # None without a deadline, as grpc's; its stubs say float.
+    def time_remaining(self) -> float | None:  # type: ignore[override]
         return self._ctx.time_remaining()
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
         """Ends the call with CANCELLED, as a grpc server's cancel does."""
         s = self._ctx._stream
 
@@ -314,6 +317,7 @@ class SyncContext(grpc.ServicerContext):
             s.abort(_status.new(_status.CANCELLED, "cancelled by the handler"))
 
         self._loop.call_soon_threadsafe(do)
+        return True
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         if self._ctx.done():

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from google.protobuf import duration_pb2
 
 from opf import _wire
+from opf._defaults import PROTOCOL_VERSION
 from opf._handlers import Handlers
 from opf._proto.pluginframework.v1 import tunnel_pb2 as pb
-from opf._defaults import PROTOCOL_VERSION
 
 
 @dataclass(frozen=True)

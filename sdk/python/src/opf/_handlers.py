@@ -48,8 +48,11 @@ def is_async(fn: Any) -> bool:
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         return True
     call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects
-    return call is not None and not inspect.isfunction(fn) and not inspect.ismethod(fn) and (
-        inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+    return (
+        call is not None
+        and not inspect.isfunction(fn)
+        and not inspect.ismethod(fn)
+        and (inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call))
     )
 
 
@@ -66,7 +69,7 @@ class Handlers:
     """The services a plugin serves, and the calls that run them."""
 
     def __init__(self) -> None:
-        self.methods: dict[str, grpc.RpcMethodHandler] = {}
+        self.methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self.generic: list[grpc.GenericRpcHandler] = []
         self.services: list[str] = []
         self.executor: Executor | None = None
@@ -75,7 +78,9 @@ class Handlers:
         if name not in self.services:
             self.services.append(name)
 
-    def lookup(self, method: str, md: tuple[Metadatum, ...]) -> grpc.RpcMethodHandler | status_pb2.Status:
+    def lookup(
+        self, method: str, md: tuple[Metadatum, ...]
+    ) -> grpc.RpcMethodHandler[Any, Any] | status_pb2.Status:
         h = self.methods.get(method)
         if h is not None:
             return h
@@ -91,7 +96,9 @@ class Handlers:
                     return found
         service, _, name = method[1:].rpartition("/")
         if service in self.services:
-            return _status.new(_status.UNIMPLEMENTED, f"unknown method {name} for service {service}")
+            return _status.new(
+                _status.UNIMPLEMENTED, f"unknown method {name} for service {service}"
+            )
         return _status.new(_status.UNIMPLEMENTED, f"unknown service {service}")
 
     def start(self, tunnel: Tunnel, s: HandlerStream) -> None:
@@ -104,7 +111,9 @@ class Handlers:
         tunnel.tasks.add(task)
         task.add_done_callback(tunnel.tasks.discard)
 
-    async def _run(self, tunnel: Tunnel, s: HandlerStream, h: grpc.RpcMethodHandler) -> None:
+    async def _run(
+        self, tunnel: Tunnel, s: HandlerStream, h: grpc.RpcMethodHandler[Any, Any]
+    ) -> None:
         ctx = Context(
             s,
             request_streaming=h.request_streaming,
@@ -197,11 +206,15 @@ class Handlers:
             return await fn(_Requests(ctx), ctx)
         return await fn(request, ctx)
 
-    def _in_executor(self, tunnel: Tunnel, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    def _in_executor(
+        self, tunnel: Tunnel, fn: Callable[..., Any], *args: Any
+    ) -> asyncio.Future[Any]:
         cv = contextvars.copy_context()
         return tunnel.loop.run_in_executor(self.executor, functools.partial(cv.run, fn, *args))
 
-    async def _call_sync(self, tunnel: Tunnel, fn: Callable[..., Any], request: Any, ctx: Context) -> Any:
+    async def _call_sync(
+        self, tunnel: Tunnel, fn: Callable[..., Any], request: Any, ctx: Context
+    ) -> Any:
         sctx = SyncContext(ctx, tunnel.loop)
         arg = _SyncRequests(ctx, tunnel.loop) if request is None else request
         return await self._in_executor(tunnel, fn, arg, sctx)
@@ -223,7 +236,9 @@ class Handlers:
             async for r in result:
                 await ctx.send(ctx.serialize(r))
 
-    async def _stream_sync(self, tunnel: Tunnel, fn: Callable[..., Any], request: Any, ctx: Context) -> None:
+    async def _stream_sync(
+        self, tunnel: Tunnel, fn: Callable[..., Any], request: Any, ctx: Context
+    ) -> None:
         sctx = SyncContext(ctx, tunnel.loop)
         arg = _SyncRequests(ctx, tunnel.loop) if request is None else request
         it: Iterator[Any] | None = await self._in_executor(tunnel, fn, arg, sctx)

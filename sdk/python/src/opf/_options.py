@@ -27,7 +27,9 @@ class Backoff:
 
     def __post_init__(self) -> None:
         if self.base < 0 or self.max < 0 or self.factor < 1 or not 0 <= self.jitter <= 1:
-            raise ValueError(f"invalid backoff {self}: need base, max >= 0, factor >= 1, 0 <= jitter <= 1")
+            raise ValueError(
+                f"invalid backoff {self}: need base, max >= 0, factor >= 1, 0 <= jitter <= 1"
+            )
 
     def delay(self, attempt: int) -> float:
         d = self.base

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -142,10 +143,14 @@ class Plugin:
         settings = Settings(
             max_message_size=settings.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
             initial_window_size=settings.initial_window_size or DEFAULT_INITIAL_WINDOW_SIZE,
-            max_concurrent_streams=settings.max_concurrent_streams or DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_concurrent_streams=settings.max_concurrent_streams
+            or DEFAULT_MAX_CONCURRENT_STREAMS,
             max_batch_size=settings.max_batch_size or DEFAULT_MAX_BATCH_SIZE,
         )
-        for what, d in (("heartbeat_interval", heartbeat_interval), ("max_heartbeat_interval", max_heartbeat_interval)):
+        for what, d in (
+            ("heartbeat_interval", heartbeat_interval),
+            ("max_heartbeat_interval", max_heartbeat_interval),
+        ):
             if d is not None and not MIN_HEARTBEAT_INTERVAL <= d <= 315_576_000_000:
                 raise ConfigurationError(f"{what} {d} is out of range (at least 0.1 s)")
         for what, d in (
@@ -158,7 +163,8 @@ class Plugin:
         if token is not None:
             if not isinstance(token, TokenSource):
                 raise ConfigurationError(
-                    "token must come from opf.token_file, opf.service_account_token or opf.static_token"
+                    "token must come from opf.token_file, opf.service_account_token "
+                    "or opf.static_token"
                 )
             if token.path is not None and not token.path.exists():
                 raise ConfigurationError(f"token file {os.fspath(token.path)} does not exist")
@@ -209,7 +215,9 @@ class Plugin:
 
     # --- what generated code calls -----------------------------------------
 
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+    def add_generic_rpc_handlers(
+        self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
+    ) -> None:
         """Serves these handlers, as grpc.aio.Server does.
 
         Handlers that are grpc.ServiceRpcHandler (as generated code makes)
@@ -225,7 +233,7 @@ class Plugin:
             self._handlers.generic.append(h)
 
     def add_registered_method_handlers(
-        self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler]
+        self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
         """Serves one service's methods, as grpc.aio.Server does."""
         check_service_name(service_name)
@@ -278,12 +286,12 @@ class Plugin:
         connector = self._connector = Connector(self._core, self._target, self._connect)
         if self._stop_requested:
             connector.stop()
-        installed: list[int] = []
+        installed: list[signal.Signals] = []
         if handle_signals and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT):
                 try:
-                    loop.add_signal_handler(sig, self._on_signal, sig)
-                    installed.append(sig)
+                    loop.add_signal_handler(signum, self._on_signal, signum)
+                    installed.append(signum)
                 except (NotImplementedError, RuntimeError):
                     pass
         self._started.set()
@@ -297,8 +305,8 @@ class Plugin:
         try:
             await connector.run()
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+            for signum in installed:
+                loop.remove_signal_handler(signum)
             if self._own_executor is not None:
                 self._own_executor.shutdown(wait=False)
             log.info("plugin %s stopped", self.name)
@@ -383,7 +391,5 @@ class Plugin:
 
     def serve_forever(self) -> None:
         """Serves until SIGTERM or SIGINT, for programs that do not use asyncio."""
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(self.serve())
-        except KeyboardInterrupt:
-            pass

@@ -169,9 +169,7 @@ class Connector:
                 self.ever_registered.set()
                 self._signal_registered()
                 stop = self.loop.create_task(self.stopping.wait())
-                await asyncio.wait(
-                    [t.ended, t.goaway, stop], return_when=asyncio.FIRST_COMPLETED
-                )
+                await asyncio.wait([t.ended, t.goaway, stop], return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
                 if self.stopping.is_set() and not t.ended.done():
                     return  # run() drains every tunnel
@@ -204,11 +202,10 @@ class Connector:
             channel, metadata = self._channel(address)
         except (OSError, ValueError) as e:
             raise AttemptFailed(_status.new(_status.UNAUTHENTICATED, str(e))) from e
-        call = channel.stream_stream(
+        call: Any = channel.stream_stream(
             CONNECT_METHOD,
             request_serializer=None,
             response_deserializer=None,
-            _registered_method=True,
         )(metadata=metadata)
         t = Tunnel(self.core, call, address, self._on_hello)
         self.tunnels.add(t)
@@ -217,8 +214,9 @@ class Connector:
         t.start()
         stop = self.loop.create_task(self.stopping.wait())
         try:
-            done, _ = await asyncio.wait(
-                [t.answer, stop],
+            waits: list[asyncio.Future[Any]] = [t.answer, stop]
+            await asyncio.wait(
+                waits,
                 timeout=max(deadline - self.loop.time(), 0),
                 return_when=asyncio.FIRST_COMPLETED,
             )

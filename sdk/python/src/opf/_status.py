@@ -70,7 +70,7 @@ class CallError(grpc.RpcError):
         return code_of(self._status.code)
 
     def details(self) -> str:
-        return self._status.message
+        return str(self._status.message)
 
     @property
     def status(self) -> status_pb2.Status:

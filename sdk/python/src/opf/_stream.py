@@ -91,7 +91,7 @@ class HandlerStream(Queued):
         # Why the handler's context was cancelled; reads and writes then
         # fail with it.
         self.cancel_status: status_pb2.Status | None = None
-        self.on_cancel_context: Callable[[], None] | None = None
+        self.on_cancel_context: Callable[[], object] | None = None
         self.headers_sent = False
         self.messages_sent = 0
         self._done_callbacks: list[Callable[[], None]] | None = None

@@ -24,7 +24,6 @@ from opf._defaults import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_INITIAL_WINDOW_SIZE,
     DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_CONCURRENT_STREAMS,
     DEFAULT_MAX_MESSAGE_SIZE,
     HEARTBEAT_TIMEOUT_FACTOR,
     LIVENESS_CHECKS_PER_INTERVAL,
@@ -39,7 +38,7 @@ from opf._defaults import (
     PROTOCOL_VERSION,
 )
 from opf._proto.pluginframework.v1 import tunnel_pb2 as pb
-from opf._stream import CANCELLING, CLOSED, HandlerStream
+from opf._stream import CANCELLING, HandlerStream
 from opf._writer import ControlQueueFull, Writer
 
 if TYPE_CHECKING:
@@ -139,6 +138,7 @@ class Tunnel:
         self.answer: asyncio.Future[str] = self.loop.create_future()
         self.ended: asyncio.Future[status_pb2.Status] = self.loop.create_future()
         self.goaway: asyncio.Future[status_pb2.Status] = self.loop.create_future()
+        self._draining = False  # our own drain: its end is no news
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -188,7 +188,9 @@ class Tunnel:
         self.closed = reason
         call_status = _status.new(
             _status.UNAVAILABLE,
-            "plugin tunnel closed" if reason.code == _status.OK else f"plugin tunnel closed: {reason.message}",
+            "plugin tunnel closed"
+            if reason.code == _status.OK
+            else f"plugin tunnel closed: {reason.message}",
         )
         streams = list(self.streams.values())
         self.streams.clear()
@@ -203,7 +205,9 @@ class Tunnel:
         if not self.ended.done():
             self.ended.set_result(reason)
         self._idle.set()
-        if reason.code not in (_status.OK, _status.UNAVAILABLE) or self.registered:
+        if not self._draining and (
+            reason.code not in (_status.OK, _status.UNAVAILABLE) or self.registered
+        ):
             log.info("tunnel %s closed: %s", self.describe(), _status.describe(reason))
 
     def _fail_attempt(self, st: status_pb2.Status) -> None:
@@ -218,6 +222,7 @@ class Tunnel:
         """Plugin shutdown (12.4): GoAway, let calls finish, half-close."""
         if self.closed is not None:
             return
+        self._draining = True
         if not self.registered:
             self.close(_status.new(_status.UNAVAILABLE, "plugin shutting down"))
             return
@@ -231,11 +236,13 @@ class Tunnel:
                 await asyncio.wait_for(self._idle.wait(), max(deadline - self.loop.time(), 0))
         except asyncio.TimeoutError:
             log.warning(
-                "tunnel %s: drain timeout with %d calls in flight", self.describe(), len(self.streams)
+                "tunnel %s: drain timeout with %d calls in flight",
+                self.describe(),
+                len(self.streams),
             )
             self.close(_status.new(_status.UNAVAILABLE, "drain timeout: plugin shutting down"))
             return
-        if self.closed is not None:
+        if self.is_closed():
             return
         self.writer.flush()
         try:
@@ -246,6 +253,9 @@ class Tunnel:
         except asyncio.TimeoutError:
             pass
         self.close(_status.new(_status.OK, "drained"))
+
+    def is_closed(self) -> bool:
+        return self.closed is not None
 
     def forget(self, s: HandlerStream) -> None:
         """A stream finished: its concurrency slot is free (6.7)."""
@@ -373,9 +383,7 @@ class Tunnel:
             return
         if len(h.replica_id.encode()) > MAX_REPLICA_ID:
             self.fail(
-                _status.new(
-                    _status.INVALID_ARGUMENT, "bad hello: replica id longer than 253 bytes"
-                )
+                _status.new(_status.INVALID_ARGUMENT, "bad hello: replica id longer than 253 bytes")
             )
             return
         self.peer_window = s.initial_window_size or DEFAULT_INITIAL_WINDOW_SIZE
@@ -434,7 +442,9 @@ class Tunnel:
         self.goaway_received = st
         if first:
             if self.registered:
-                log.info("tunnel %s: operator sent GoAway: %s", self.describe(), _status.describe(st))
+                log.info(
+                    "tunnel %s: operator sent GoAway: %s", self.describe(), _status.describe(st)
+                )
             if not self.goaway.done():
                 self.goaway.set_result(st)
         if not self.registered:

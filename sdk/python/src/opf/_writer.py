@@ -121,12 +121,12 @@ class Writer:
                 parts += f
             size += fs
             n += 1
-        if self._pong is not None and n < MAX_FRAMES_PER_BATCH:
-            if not n or size + len(self._pong) <= limit:
-                parts.append(self._pong)
-                size += len(self._pong)
-                n += 1
-                self._pong = None
+        pong = self._pong
+        if pong is not None and n < MAX_FRAMES_PER_BATCH and (not n or size + len(pong) <= limit):
+            parts.append(pong)
+            size += len(pong)
+            n += 1
+            self._pong = None
         ready = self._ready
         while ready and n < MAX_FRAMES_PER_BATCH:
             s = ready[0]
