@@ -255,15 +255,17 @@ type RawConnectStep struct {
 // AcceptStep takes the next tunnel the plugin opens to the raw operator.
 type AcceptStep struct {
 	Within Duration `yaml:"within"`
-	// Handshake awaits the plugin's Hello then Register, as its first two
-	// frames, and answers with the operator's Hello and RegisterAck unless
-	// Ack is false. Default true.
+	// Handshake awaits the plugin's Hello as its first frame, answers with
+	// the operator's Hello, awaits the plugin's Register as its next frame,
+	// and answers with a RegisterAck unless Ack is false. Default true.
 	Handshake *bool `yaml:"handshake"`
 	Ack       *bool `yaml:"ack"`
-	// Register is matched against the plugin's Register frame.
+	// Register is matched against the plugin's Register frame; false: the
+	// handshake stops after the operator's Hello (a Hello the plugin must
+	// refuse).
 	Register any `yaml:"register"`
 	// Hello overrides the operator's Hello (protobuf JSON); default: version
-	// 1, the operator's settings.
+	// 2, the operator's settings.
 	Hello       map[string]any `yaml:"hello"`
 	AnswerPings *bool          `yaml:"answer_pings"`
 }

@@ -461,8 +461,11 @@ func describeFrame(f *pb.Frame) string {
 	return fmt.Sprintf("%s[%d]{%s}", kind, f.GetStreamId(), body)
 }
 
+// protocolVersion is the version of docs/tunnel-spec.md the cases test.
+const protocolVersion = 2
+
 func helloFrame(settings map[string]any, res resolver) (*pb.Frame, error) {
-	h := map[string]any{"min_version": 1, "max_version": 1}
+	h := map[string]any{"min_version": protocolVersion, "max_version": protocolVersion}
 	if settings != nil {
 		h["settings"] = settings
 	}

@@ -371,7 +371,7 @@ func (r *caseRun) rawConnect(ctx context.Context, rs *RawConnectStep) error {
 	if err := rc.sendFrames(frames); err != nil {
 		return err
 	}
-	if _, err := rc.await(ctx, FrameMatch{"hello": map[string]any{"min_version": map[string]any{"$between": []any{0, 1}}, "max_version": map[string]any{"$between": []any{1, 1 << 31}}}}); err != nil {
+	if _, err := rc.await(ctx, FrameMatch{"hello": map[string]any{"min_version": map[string]any{"$between": []any{0, protocolVersion}}, "max_version": map[string]any{"$between": []any{protocolVersion, 1 << 31}}}}); err != nil {
 		return err
 	}
 	if register {
@@ -399,7 +399,7 @@ func (r *caseRun) accept(ctx context.Context, as *AcceptStep) error {
 	if as.Handshake != nil && !*as.Handshake {
 		return nil
 	}
-	// Hello, then Register: the plugin's first two frames.
+	// The plugin's Hello first; its Register once our Hello is in.
 	first, err := rc.next(ctx, 5*time.Second)
 	if err != nil {
 		return fmt.Errorf("the plugin's first frame: %w", err)
@@ -407,26 +407,8 @@ func (r *caseRun) accept(ctx context.Context, as *AcceptStep) error {
 	if first.GetHello() == nil {
 		return fmt.Errorf("the plugin's first frame is %s, want hello", describeFrame(first))
 	}
-	if h := first.GetHello(); h.GetMinVersion() > 1 || h.GetMaxVersion() < 1 {
-		return fmt.Errorf("the plugin's hello %s does not offer version 1", describeFrame(first))
-	}
-	second, err := rc.next(ctx, 5*time.Second)
-	if err != nil {
-		return fmt.Errorf("the plugin's second frame: %w", err)
-	}
-	if second.GetRegister() == nil {
-		return fmt.Errorf("the plugin's second frame is %s, want register", describeFrame(second))
-	}
-	wantReg := as.Register
-	if wantReg == nil {
-		wantReg = map[string]any{
-			"name":     r.c.pluginName(),
-			"version":  PluginVersion,
-			"services": map[string]any{"$contains": []any{conformanceService}},
-		}
-	}
-	if err := match("register", wantReg, matchable(second.GetRegister().ProtoReflect())); err != nil {
-		return err
+	if h := first.GetHello(); h.GetMinVersion() > protocolVersion || h.GetMaxVersion() < protocolVersion {
+		return fmt.Errorf("the plugin's hello %s does not offer version %d", describeFrame(first), protocolVersion)
 	}
 	helloSpec := as.Hello
 	var hello *pb.Frame
@@ -441,14 +423,37 @@ func (r *caseRun) accept(ctx context.Context, as *AcceptStep) error {
 			return err
 		}
 	}
-	frames := []*pb.Frame{hello}
-	if as.Ack == nil || *as.Ack {
-		frames = append(frames, &pb.Frame{Kind: &pb.Frame_RegisterAck{RegisterAck: &pb.RegisterAck{InstanceId: "raw-1"}}})
+	r.logf("raw operator: sending %s", describeFrame(hello))
+	if err := rc.sendFrames([]*pb.Frame{hello}); err != nil {
+		return err
 	}
-	for _, f := range frames {
-		r.logf("raw operator: sending %s", describeFrame(f))
+	if as.Register == false {
+		return nil // a Hello the plugin must refuse: no Register is due
 	}
-	return rc.sendFrames(frames)
+	second, err := rc.next(ctx, 5*time.Second)
+	if err != nil {
+		return fmt.Errorf("the plugin's frame after the operator's hello: %w", err)
+	}
+	if second.GetRegister() == nil {
+		return fmt.Errorf("the plugin's frame after the operator's hello is %s, want register", describeFrame(second))
+	}
+	wantReg := as.Register
+	if wantReg == nil {
+		wantReg = map[string]any{
+			"name":     r.c.pluginName(),
+			"version":  PluginVersion,
+			"services": map[string]any{"$contains": []any{conformanceService}},
+		}
+	}
+	if err := match("register", wantReg, matchable(second.GetRegister().ProtoReflect())); err != nil {
+		return err
+	}
+	if as.Ack != nil && !*as.Ack {
+		return nil
+	}
+	ack := &pb.Frame{Kind: &pb.Frame_RegisterAck{RegisterAck: &pb.RegisterAck{InstanceId: "raw-1"}}}
+	r.logf("raw operator: sending %s", describeFrame(ack))
+	return rc.sendFrames([]*pb.Frame{ack})
 }
 
 // rawSettings are the raw operator's Hello settings, from the case.

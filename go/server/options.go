@@ -29,12 +29,18 @@ type config struct {
 	authenticate     Authenticator
 	registry         *registry.Registry
 	listener         net.Listener
+	replicaID        string
+	replicaCount     int
 	security         securityConfig // security.go
 }
 
 const (
 	defaultDrainTimeout     = 10 * time.Second
 	defaultHandshakeTimeout = 10 * time.Second
+	// heartbeatCapFactor: a plugin may ask for heartbeats at most this many
+	// times less often than the server's interval (spec 11), so that it
+	// cannot switch off the detection of its own death.
+	heartbeatCapFactor = 2
 )
 
 // WithGRPCServerOptions adds options to the gRPC server that serves the
@@ -64,7 +70,8 @@ func WithMaxConcurrentStreams(n int) Option {
 
 // WithHeartbeatInterval sets how often each side of a tunnel pings the
 // other; a plugin silent for 1.5 intervals is considered gone and its calls
-// fail with UNAVAILABLE. A plugin may ask for a longer interval. Default 10 s.
+// fail with UNAVAILABLE. A plugin may ask for a longer interval, up to twice
+// this one. Default 10 s.
 func WithHeartbeatInterval(d time.Duration) Option {
 	return optionFunc(func(c *config) { c.settings.HeartbeatInterval = d })
 }
@@ -97,6 +104,19 @@ func WithAuthenticator(a Authenticator) Option {
 // of its own.
 func WithRegistry(r *registry.Registry) Option {
 	return optionFunc(func(c *config) { c.registry = r })
+}
+
+// WithReplica identifies this operator process among the operator's
+// replicas, so that a plugin keeps one tunnel to each (docs/tunnel-spec.md,
+// 14.3): id must be unique among the replicas (at most 253 bytes), and
+// count is how many replicas run (0 when unknown). Behind a load-balanced
+// Service, plugins keep connecting until they hold count distinct replicas;
+// with a headless Service they reach every replica anyway.
+//
+// Default: id is the host name (the pod name in Kubernetes) followed by a
+// dash and 8 random hex digits; count is 0.
+func WithReplica(id string, count int) Option {
+	return optionFunc(func(c *config) { c.replicaID, c.replicaCount = id, count })
 }
 
 // WithListener serves on lis instead of listening on the address given to

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"strings"
@@ -20,6 +21,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 
 	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
+	"github.com/guilhem/operator-plugin-framework/go/internal/target"
 	"github.com/guilhem/operator-plugin-framework/go/internal/tunnel"
 	"github.com/guilhem/operator-plugin-framework/go/registry"
 )
@@ -73,8 +75,10 @@ var (
 	_ manager.LeaderElectionRunnable = (*Server)(nil)
 )
 
-// New returns a server that will listen on addr when started: "unix:///path"
-// (a stale socket file is removed), "tcp://host:port" or "host:port".
+// New returns a server that will listen on addr when started:
+// "unix:///absolute/path" (a stale socket file is removed),
+// "tcp://host:port" or "host:port" (an empty host listens on every
+// interface). New fails on any other form.
 func New(addr string, opts ...Option) (*Server, error) {
 	cfg := config{
 		drainTimeout:     defaultDrainTimeout,
@@ -93,17 +97,33 @@ func New(addr string, opts ...Option) (*Server, error) {
 		return nil, err
 	}
 	if cfg.listener == nil {
-		if _, _, err := parseAddr(addr); err != nil {
+		if _, _, err := target.ParseListen(addr); err != nil {
 			return nil, err
 		}
 	}
 	if cfg.registry == nil {
 		cfg.registry = registry.New()
 	}
+	if cfg.replicaID == "" {
+		cfg.replicaID = defaultReplicaID()
+	}
+	if len(cfg.replicaID) > 253 || cfg.replicaCount < 0 {
+		return nil, fmt.Errorf("replica id %q longer than 253 bytes or negative count %d", quote(cfg.replicaID), cfg.replicaCount)
+	}
 	s := &Server{addr: addr, cfg: cfg, reg: cfg.registry, tunnels: map[*tunnel.Tunnel]struct{}{}, bound: make(chan struct{})}
 	discard := logr.Discard()
 	s.log.Store(&discard)
 	return s, nil
+}
+
+// defaultReplicaID is the host name and a random suffix: unique among the
+// pods of a Deployment, and across restarts of one process's container.
+func defaultReplicaID() string {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "operator"
+	}
+	return fmt.Sprintf("%s-%08x", quote(host), rand.Uint32())
 }
 
 func anonymous(ctx context.Context) (Identity, error) {
@@ -216,10 +236,12 @@ func (s *Server) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 	}
 	p, _ := peer.FromContext(ctx)
 	t := tunnel.New(tunnel.ServerTransport(stream), tunnel.Config{
-		Side:     tunnel.OperatorSide,
-		Settings: s.cfg.settings,
-		Peer:     p,
-		Logger:   lg,
+		Side:                 tunnel.OperatorSide,
+		Settings:             s.cfg.settings,
+		Replica:              tunnel.Replica{ID: s.cfg.replicaID, Count: s.cfg.replicaCount},
+		MaxHeartbeatInterval: heartbeatCapFactor * s.cfg.settings.HeartbeatInterval,
+		Peer:                 p,
+		Logger:               lg,
 	})
 	if !s.track(t) {
 		t.Close(status.New(codes.Unavailable, "operator shutting down"))
@@ -286,20 +308,54 @@ func (s *Server) untrack(t *tunnel.Tunnel) {
 	delete(s.tunnels, t)
 }
 
+// Registration limits (spec 4.4), so that a peer cannot make the server
+// hold or log large strings.
+const (
+	maxNameLen       = 253
+	maxVersionLen    = 128
+	maxServices      = 64
+	maxServiceLen    = 253
+	maxLabels        = 32
+	maxLabelKeyLen   = 128
+	maxLabelValueLen = 256
+	quoteLen         = 64 // what an error message quotes of a value
+)
+
 // validate checks what every registration needs, whatever the policy.
 func validate(r Registration) error {
-	if r.Name == "" {
+	switch {
+	case r.Name == "":
 		return status.Error(codes.InvalidArgument, "plugin name is empty")
-	}
-	if len(r.Name) > 253 {
-		return status.Error(codes.InvalidArgument, "plugin name is longer than 253 characters")
+	case len(r.Name) > maxNameLen:
+		return status.Errorf(codes.InvalidArgument, "plugin name is longer than %d characters", maxNameLen)
+	case len(r.Version) > maxVersionLen:
+		return status.Errorf(codes.InvalidArgument, "plugin version is longer than %d bytes", maxVersionLen)
+	case len(r.Services) == 0:
+		return status.Error(codes.InvalidArgument, "no service listed")
+	case len(r.Services) > maxServices:
+		return status.Errorf(codes.InvalidArgument, "more than %d services", maxServices)
+	case len(r.Labels) > maxLabels:
+		return status.Errorf(codes.InvalidArgument, "more than %d labels", maxLabels)
 	}
 	for _, svc := range r.Services {
-		if svc == "" || strings.ContainsAny(svc, "/ ") {
-			return status.Errorf(codes.InvalidArgument, "invalid service name %q", svc)
+		if svc == "" || len(svc) > maxServiceLen || strings.ContainsAny(svc, "/ ") {
+			return status.Errorf(codes.InvalidArgument, "invalid service name %q", quote(svc))
+		}
+	}
+	for k, v := range r.Labels {
+		if k == "" || len(k) > maxLabelKeyLen || len(v) > maxLabelValueLen {
+			return status.Errorf(codes.InvalidArgument, "invalid label %q", quote(k))
 		}
 	}
 	return nil
+}
+
+// quote cuts a peer's value for an error message.
+func quote(s string) string {
+	if len(s) > quoteLen {
+		return s[:quoteLen]
+	}
+	return s
 }
 
 // refusal is the status a policy error stands for.
@@ -310,28 +366,8 @@ func refusal(err error) *status.Status {
 	return status.New(codes.PermissionDenied, err.Error())
 }
 
-// parseAddr splits addr into a network and an address for net.Listen.
-func parseAddr(addr string) (network, address string, err error) {
-	switch {
-	case strings.HasPrefix(addr, "unix://"):
-		network, address = "unix", strings.TrimPrefix(addr, "unix://")
-	case strings.HasPrefix(addr, "unix:"):
-		network, address = "unix", strings.TrimPrefix(addr, "unix:")
-	case strings.HasPrefix(addr, "tcp://"):
-		network, address = "tcp", strings.TrimPrefix(addr, "tcp://")
-	case strings.Contains(addr, "://"):
-		return "", "", fmt.Errorf("unsupported address %q: want unix:///path, tcp://host:port or host:port", addr)
-	default:
-		network, address = "tcp", addr
-	}
-	if address == "" {
-		return "", "", fmt.Errorf("empty address in %q", addr)
-	}
-	return network, address, nil
-}
-
 func listen(addr string) (net.Listener, error) {
-	network, address, err := parseAddr(addr)
+	network, address, err := target.ParseListen(addr)
 	if err != nil {
 		return nil, err
 	}

@@ -2,6 +2,7 @@ package integration_test
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"strings"
 	"testing"
@@ -20,6 +21,8 @@ import (
 
 	"github.com/guilhem/operator-plugin-framework/go/client"
 	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
+	"github.com/guilhem/operator-plugin-framework/go/internal/tunnel"
+	"github.com/guilhem/operator-plugin-framework/go/server"
 )
 
 // Tests where one side of the tunnel is a hand-driven peer that sends raw
@@ -126,8 +129,10 @@ func wantStatus(t testing.TB, got *status.Status, code codes.Code, substr string
 	}
 }
 
-func hello() *pb.Frame {
-	return &pb.Frame{Kind: &pb.Frame_Hello{Hello: &pb.Hello{MinVersion: 1, MaxVersion: 1, Settings: &pb.Settings{}}}}
+func hello() *pb.Frame { return helloWith(&pb.Settings{}) }
+
+func helloWith(s *pb.Settings) *pb.Frame {
+	return &pb.Frame{Kind: &pb.Frame_Hello{Hello: &pb.Hello{MinVersion: tunnel.MinVersion, MaxVersion: tunnel.MaxVersion, Settings: s}}}
 }
 
 func register(name string) *pb.Frame {
@@ -186,17 +191,118 @@ func registerRaw(t testing.TB, op *operator, name string) *rawPeer {
 
 func TestRawPluginCallBeforeRegistration(t *testing.T) {
 	op := startOperator(t)
-	p, _ := dialRawPlugin(t, op)
-	p.sendFrames(hello(), openF(2, "/grpc.testing.TestService/EmptyCall"))
-	f := p.expect("close of stream 2", on(2, "close"))
-	wantStatus(t, status.FromProto(f.GetClose().Status), codes.FailedPrecondition, "before registration")
-	p.sendFrames(register("raw"))
-	p.expect("register ack", func(f *pb.Frame) bool { return f.GetRegisterAck() != nil })
-	// The operator serves no calls in protocol version 1.
+	// Any stream frame before registration ends the tunnel (spec 4.6).
+	for _, f := range []*pb.Frame{openF(2, "/grpc.testing.TestService/EmptyCall"), msgF(1, 1, []byte{1}), closeF(1, status.New(codes.OK, ""))} {
+		p, _ := dialRawPlugin(t, op)
+		p.sendFrames(hello(), f)
+		ga := p.expect("go-away", func(f *pb.Frame) bool { return f.GetGoAway() != nil })
+		wantStatus(t, status.FromProto(ga.GetGoAway().Reason), codes.Internal, "before registration")
+		if err := p.expectEnd(); status.Code(err) != codes.Internal {
+			t.Fatalf("stream ended with %v, want INTERNAL", err)
+		}
+	}
+	// The operator serves no calls in protocol version 2.
+	p := registerRaw(t, op, "raw")
 	p.sendFrames(openF(4, "/grpc.testing.TestService/EmptyCall"))
-	f = p.expect("close of stream 4", on(4, "close"))
+	f := p.expect("close of stream 4", on(4, "close"))
 	wantStatus(t, status.FromProto(f.GetClose().Status), codes.Unimplemented, "serves no calls")
 	p.alive(1)
+}
+
+// TestRawPluginBatchLimits: before registration the operator decodes no
+// batch over 64 KiB, and no batch may hold more than 4,096 frames.
+func TestRawPluginBatchLimits(t *testing.T) {
+	op := startOperator(t)
+	p, _ := dialRawPlugin(t, op)
+	big := register("raw")
+	big.GetRegister().Labels = map[string]string{"pad": strings.Repeat("x", 70<<10)}
+	p.sendFrames(hello(), big)
+	ga := p.expect("go-away", func(f *pb.Frame) bool { return f.GetGoAway() != nil })
+	wantStatus(t, status.FromProto(ga.GetGoAway().Reason), codes.ResourceExhausted, "before registration: the limit is 65536")
+	p.expectEnd()
+
+	p = registerRaw(t, op, "raw")
+	pings := make([]*pb.Frame, 4097)
+	for i := range pings {
+		pings[i] = &pb.Frame{Kind: &pb.Frame_Ping{Ping: &pb.Ping{Nonce: uint64(i)}}}
+	}
+	p.sendFrames(pings[:4096]...) // at the limit: fine
+	p.alive(1)
+	p.sendFrames(pings...)
+	ga = p.expect("go-away", func(f *pb.Frame) bool { return f.GetGoAway() != nil })
+	wantStatus(t, status.FromProto(ga.GetGoAway().Reason), codes.ResourceExhausted, "more than 4096 frames")
+	p.expectEnd()
+
+	// After registration, the operator's own limit (4 MiB) applies.
+	p = registerRaw(t, op, "raw")
+	p.sendFrames(&pb.Frame{Kind: &pb.Frame_Pong{Pong: &pb.Pong{}}}, &pb.Frame{Kind: &pb.Frame_Register{Register: &pb.Register{Name: strings.Repeat("x", 1<<20)}}})
+	ga = p.expect("go-away", func(f *pb.Frame) bool { return f.GetGoAway() != nil })
+	wantStatus(t, status.FromProto(ga.GetGoAway().Reason), codes.Internal, "register out of order")
+}
+
+// TestRawPluginRegistrationLimits: every registration field is bounded.
+func TestRawPluginRegistrationLimits(t *testing.T) {
+	op := startOperator(t)
+	many := func(n int) []string {
+		out := make([]string, n)
+		for i := range out {
+			out[i] = fmt.Sprintf("svc.v1.S%d", i)
+		}
+		return out
+	}
+	labels := map[string]string{}
+	for i := range 33 {
+		labels[fmt.Sprint(i)] = "v"
+	}
+	for _, c := range []struct {
+		reg  *pb.Register
+		want string
+	}{
+		{&pb.Register{Name: "raw"}, "no service listed"},
+		{&pb.Register{Name: "raw", Version: strings.Repeat("v", 129), Services: []string{"a.B"}}, "version is longer than 128"},
+		{&pb.Register{Name: "raw", Services: many(65)}, "more than 64 services"},
+		{&pb.Register{Name: "raw", Services: []string{strings.Repeat("s", 254)}}, "invalid service name"},
+		{&pb.Register{Name: "raw", Services: []string{"a.B"}, Labels: labels}, "more than 32 labels"},
+		{&pb.Register{Name: "raw", Services: []string{"a.B"}, Labels: map[string]string{"k": strings.Repeat("v", 257)}}, "invalid label"},
+	} {
+		p, _ := dialRawPlugin(t, op)
+		p.sendFrames(hello(), &pb.Frame{Kind: &pb.Frame_Register{Register: c.reg}})
+		rj := p.expect("reject", func(f *pb.Frame) bool { return f.GetRegisterReject() != nil })
+		wantStatus(t, status.FromProto(rj.GetRegisterReject().Status), codes.InvalidArgument, c.want)
+		if n := len(rj.GetRegisterReject().GetStatus().GetMessage()); n > 200 {
+			t.Errorf("%s: the refusal quotes %d bytes", c.want, n)
+		}
+		p.expectEnd()
+	}
+}
+
+// TestRawPluginEmptyMessagesCostCredit: every chunk costs 64 bytes of
+// credit (spec 8.1), so empty messages cannot be queued without bound.
+func TestRawPluginEmptyMessagesCostCredit(t *testing.T) {
+	op := startOperator(t, server.WithInitialWindowSize(64<<10))
+	p := registerRaw(t, op, "raw")
+	c := op.call(t, "raw")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s, err := c.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.expect("open", on(1, "open"))
+	// The caller reads nothing yet: 1,024 empty messages fill the 64 KiB
+	// window exactly; one more overruns it.
+	empties := make([]*pb.Frame, 1024)
+	for i := range empties {
+		empties[i] = msgF(1, 0, nil)
+	}
+	p.sendFrames(empties...)
+	p.alive(1)
+	p.sendFrames(msgF(1, 0, nil))
+	f := p.expect("cancel of stream 1", on(1, "cancel"))
+	wantStatus(t, status.FromProto(f.GetCancel().Status), codes.Internal, "flow-control window exceeded")
+	if _, err := s.Recv(); status.Code(err) != codes.Internal {
+		t.Fatalf("Recv: %v, want INTERNAL", err)
+	}
 }
 
 func TestRawPluginUnknownStreams(t *testing.T) {
@@ -409,11 +515,12 @@ func startRawTargetWith(t testing.TB, serverOpts []grpc.ServerOption, opts ...cl
 	return next, c
 }
 
-// accept does the operator's half of the handshake.
+// accept does the operator's half of the handshake: the plugin registers
+// once the operator's Hello is in.
 func accept(p *rawPeer, settings *pb.Settings) {
 	p.expect("hello", func(f *pb.Frame) bool { return f.GetHello() != nil })
+	p.sendFrames(helloWith(settings))
 	p.expect("register", func(f *pb.Frame) bool { return f.GetRegister() != nil })
-	p.sendFrames(&pb.Frame{Kind: &pb.Frame_Hello{Hello: &pb.Hello{MinVersion: 1, MaxVersion: 1, Settings: settings}}})
 }
 
 func ack(p *rawPeer) {
@@ -425,13 +532,57 @@ func TestRawOperatorCallBeforeAck(t *testing.T) {
 	p := next(t)
 	accept(p, &pb.Settings{})
 	p.sendFrames(openF(1, "/grpc.testing.TestService/EmptyCall"))
-	f := p.expect("close of stream 1", on(1, "close"))
-	wantStatus(t, status.FromProto(f.GetClose().Status), codes.FailedPrecondition, "before registration")
+	f := p.expect("go-away", func(f *pb.Frame) bool { return f.GetGoAway() != nil })
+	wantStatus(t, status.FromProto(f.GetGoAway().Reason), codes.Internal, "stream frame open before registration")
+	// The plugin tries again, and a call after the ack is served.
+	p = next(t)
+	accept(p, &pb.Settings{})
 	ack(p)
 	p.sendFrames(openF(3, "/grpc.testing.TestService/EmptyCall"), msgF(3, 0, nil),
 		&pb.Frame{StreamId: 3, Kind: &pb.Frame_HalfClose{HalfClose: &pb.StreamHalfClose{}}})
 	f = p.expect("close of stream 3", on(3, "close"))
 	wantStatus(t, status.FromProto(f.GetClose().Status), codes.OK, "")
+}
+
+// TestRawOperatorRegistersAfterHello: the plugin sends Register only once
+// the operator's Hello has arrived (spec 4.1).
+func TestRawOperatorRegistersAfterHello(t *testing.T) {
+	next, _ := startRawTarget(t)
+	p := next(t)
+	p.expect("hello", func(f *pb.Frame) bool { return f.GetHello() != nil })
+	select {
+	case f := <-p.frames:
+		t.Fatalf("plugin sent %v before the operator's Hello", f)
+	case <-time.After(300 * time.Millisecond):
+	}
+	p.sendFrames(hello())
+	p.expect("register", func(f *pb.Frame) bool { return f.GetRegister() != nil })
+}
+
+// TestRawOperatorHeartbeatCap: a plugin asking for a long interval gets
+// pinged at the operator's cap, twice its own interval (spec 11).
+func TestRawOperatorHeartbeatCap(t *testing.T) {
+	op := startOperator(t, server.WithHeartbeatInterval(200*time.Millisecond))
+	p, _ := dialRawPlugin(t, op)
+	p.sendFrames(helloWith(&pb.Settings{HeartbeatInterval: durationpb.New(time.Hour)}), register("raw"))
+	p.expect("register ack", func(f *pb.Frame) bool { return f.GetRegisterAck() != nil })
+	start := time.Now()
+	for range 3 {
+		f := p.expect("ping", func(f *pb.Frame) bool { return f.GetPing() != nil })
+		p.sendFrames(&pb.Frame{Kind: &pb.Frame_Pong{Pong: &pb.Pong{Nonce: f.GetPing().GetNonce()}}})
+	}
+	if el := time.Since(start); el > 2*time.Second {
+		t.Fatalf("3 pings took %v: the 1 h interval was not capped at 400 ms", el)
+	}
+	// Silence is detected on the capped interval too.
+	start = time.Now()
+	p.sendFrames() // nothing more: no pongs
+	if err := p.expectEnd(); status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "heartbeat timeout") {
+		t.Fatalf("ended with %v, want a heartbeat timeout", err)
+	}
+	if el := time.Since(start); el > 2*time.Second {
+		t.Fatalf("silence detected after %v", el)
+	}
 }
 
 func TestRawOperatorBadInput(t *testing.T) {

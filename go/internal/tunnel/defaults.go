@@ -4,8 +4,8 @@ import "time"
 
 // Protocol versions this implementation speaks.
 const (
-	MinVersion = 1
-	MaxVersion = 1
+	MinVersion = 2
+	MaxVersion = 2
 )
 
 // Defaults for Settings fields left at zero; docs/tunnel-spec.md lists the

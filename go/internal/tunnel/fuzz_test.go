@@ -86,7 +86,7 @@ func FuzzPluginSide(f *testing.F) {
 			Handler:  d,
 		})
 		tr.in <- []*pb.Frame{
-			{Kind: &pb.Frame_Hello{Hello: &pb.Hello{MinVersion: 1, MaxVersion: 1}}},
+			{Kind: &pb.Frame_Hello{Hello: &pb.Hello{MinVersion: MinVersion, MaxVersion: MaxVersion}}},
 			{Kind: &pb.Frame_RegisterAck{RegisterAck: &pb.RegisterAck{InstanceId: "x"}}},
 		}
 		for _, b := range decodeInput(input) {
@@ -166,7 +166,7 @@ func (m *memTransport) Send(batch []outFrame) error {
 	return nil
 }
 
-func (m *memTransport) Recv() ([]inFrame, error) {
+func (m *memTransport) Recv(func() int) (*inBatch, error) {
 	b, ok := <-m.in
 	if !ok {
 		return nil, io.EOF
@@ -176,9 +176,10 @@ func (m *memTransport) Recv() ([]inFrame, error) {
 		out[i].f = f
 		if msg := f.GetMessage(); msg != nil && len(msg.Data) > 0 {
 			out[i].buf = mem.Copy(msg.Data, mem.DefaultBufferPool())
+			msg.Data = out[i].buf.ReadOnlyData()
 		}
 	}
-	return out, nil
+	return &inBatch{frames: out}, nil
 }
 
 func (m *memTransport) CloseSend() error { return nil }

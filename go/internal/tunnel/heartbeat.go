@@ -23,7 +23,7 @@ func (t *Tunnel) heartbeat() {
 		return
 	}
 	t.mu.Lock()
-	interval := heartbeatInterval(t.local, t.peer)
+	interval := heartbeatInterval(t.local, t.peer, t.cfg.MaxHeartbeatInterval)
 	t.mu.Unlock()
 	timeout := time.Duration(float64(interval) * heartbeatTimeoutFactor)
 	tick := time.NewTicker(interval / heartbeatChecksPerInterval)

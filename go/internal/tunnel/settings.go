@@ -25,8 +25,8 @@ func (s Settings) Validate() error {
 	switch {
 	case s.MaxMessageSize < 0 || s.MaxMessageSize > maxInt32:
 		return fmt.Errorf("max message size %d out of range", s.MaxMessageSize)
-	case s.InitialWindowSize < 0 || s.InitialWindowSize > maxInt32:
-		return fmt.Errorf("initial window size %d out of range", s.InitialWindowSize)
+	case s.InitialWindowSize < 0 || s.InitialWindowSize > maxInt32 || (s.InitialWindowSize != 0 && s.InitialWindowSize < minWindow):
+		return fmt.Errorf("initial window size %d out of range [%d, %d]", s.InitialWindowSize, minWindow, maxInt32)
 	case s.MaxConcurrentStreams < 0 || s.MaxConcurrentStreams > maxInt32:
 		return fmt.Errorf("max concurrent streams %d out of range", s.MaxConcurrentStreams)
 	case s.HeartbeatInterval < 0:
@@ -87,14 +87,20 @@ func settingsFromProto(p *pb.Settings) (Settings, error) {
 	return s.WithDefaults(), nil
 }
 
-// heartbeatInterval is the interval both sides use: the larger of the two
-// preferences, so that neither side is made to ping faster than it wants.
-func heartbeatInterval(local, peer Settings) time.Duration {
+// heartbeatInterval is this side's interval (spec 11): the larger of the
+// two preferences, so that neither side is made to ping faster than it
+// wants, but no larger than this side's maximum (0: none), so that a peer
+// cannot switch off dead-peer detection.
+func heartbeatInterval(local, peer Settings, maxInterval time.Duration) time.Duration {
 	d := max(local.HeartbeatInterval, peer.HeartbeatInterval)
 	if d == 0 {
-		return DefaultHeartbeatInterval
+		d = DefaultHeartbeatInterval
 	}
-	return max(d, MinHeartbeatInterval)
+	d = max(d, MinHeartbeatInterval)
+	if maxInterval > 0 {
+		d = min(d, max(maxInterval, MinHeartbeatInterval))
+	}
+	return d
 }
 
 // negotiateVersion picks the highest version both ranges contain.

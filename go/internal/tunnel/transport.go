@@ -14,8 +14,11 @@ type Transport interface {
 	// Send sends a batch. The transport takes over the buffers' references.
 	Send(batch []outFrame) error
 	// Recv returns the next batch; a message frame's data may be backed by
-	// a pooled buffer, which the receiver frees once done with the data.
-	Recv() ([]inFrame, error)
+	// a pooled buffer, which the receiver frees once done with the data. A
+	// batch larger than limit() bytes (0: no limit beyond gRPC's) is not
+	// decoded: it comes back with tooLarge set. limit is called once the
+	// batch has arrived, so that it sees the tunnel's state at that point.
+	Recv(limit func() int) (*inBatch, error)
 	// CloseSend ends the sending direction after the last batch. A no-op on
 	// the operator's side, where returning from the handler ends the stream.
 	CloseSend() error
@@ -37,9 +40,18 @@ type inFrame struct {
 
 // outBatch and inBatch are what the transports hand to SendMsg and RecvMsg;
 // WireCodec encodes and decodes them as ConnectRequest/ConnectResponse.
-type outBatch struct{ frames []outFrame }
+type outBatch struct {
+	frames  []outFrame
+	encoded bool // WireCodec took over the frames' references
+}
 
-type inBatch struct{ frames []inFrame }
+// inBatch is a received batch, or why it was refused undecoded.
+type inBatch struct {
+	frames   []inFrame
+	limit    func() int // set by the receiver: refuse a larger batch undecoded
+	tooLarge int        // the size of a batch over limit
+	tooMany  bool       // more than maxBatchFrames frames
+}
 
 // ServerTransport adapts the operator's end of a Connect stream. The stream
 // must use WireCodec.
@@ -63,13 +75,18 @@ type grpcTransport struct {
 
 func (t *grpcTransport) Send(batch []outFrame) error {
 	// A new envelope each time: stats handlers may read a sent message lazily.
-	return t.s.SendMsg(&outBatch{frames: batch})
+	b := &outBatch{frames: batch}
+	err := t.s.SendMsg(b)
+	if !b.encoded {
+		freeOut(batch) // gRPC failed before encoding: the references are still ours
+	}
+	return err
 }
 
-func (t *grpcTransport) Recv() ([]inFrame, error) {
-	var b inBatch
-	err := t.s.RecvMsg(&b)
-	return b.frames, err
+func (t *grpcTransport) Recv(limit func() int) (*inBatch, error) {
+	b := &inBatch{limit: limit}
+	err := t.s.RecvMsg(b)
+	return b, err
 }
 
 func (t *grpcTransport) CloseSend() error {

@@ -52,7 +52,27 @@ type Config struct {
 	// OnGoAway is called from the read loop when the peer sends GoAway. It
 	// must not block.
 	OnGoAway func(reason *status.Status)
-	Logger   logr.Logger
+	// Replica identifies the operator's process to plugins (operator side,
+	// spec 4.7).
+	Replica Replica
+	// BeforeRegister is called on the plugin side once the operator's Hello
+	// has arrived, before Register is sent; a non-nil status closes the
+	// tunnel unregistered with that status (a duplicate tunnel to a
+	// replica, spec 14.3). It runs in a goroutine of its own.
+	BeforeRegister func(Replica) *status.Status
+	// MaxHeartbeatInterval caps the heartbeat interval the peer can ask
+	// for (spec 11); 0: no cap.
+	MaxHeartbeatInterval time.Duration
+	Logger               logr.Logger
+}
+
+// Replica is what an operator's Hello says of the operator process.
+type Replica struct {
+	// ID tells the operator's replicas apart; empty when the operator
+	// does not say.
+	ID string
+	// Count is how many replicas the operator runs, 0 when unknown.
+	Count int
 }
 
 // Tunnel is one end of a tunnel: it multiplexes calls over a Transport. The
@@ -86,6 +106,7 @@ type Tunnel struct {
 	version      uint32
 	registration *pb.Register    // operator side: what the plugin sent
 	ack          *pb.RegisterAck // plugin side: the operator's answer
+	peerReplica  Replica         // plugin side: from the operator's Hello
 	streams      map[uint64]*stream
 	nextID       uint64 // next id this side opens
 	lastPeerID   uint64 // highest id the peer opened
@@ -125,10 +146,12 @@ func New(tr Transport, cfg Config) *Tunnel {
 	}
 	t.lastRecv.Store(time.Now().UnixNano())
 	t.w = newWriter(t, tr)
-	t.w.control(helloFrame(t.local))
-	if cfg.Side == PluginSide {
-		t.w.control(&pb.Frame{Kind: &pb.Frame_Register{Register: cfg.Register}})
+	hello := helloFrame(t.local)
+	if cfg.Side == OperatorSide {
+		hello.GetHello().ReplicaId = cfg.Replica.ID
+		hello.GetHello().ReplicaCount = uint32(cfg.Replica.Count)
 	}
+	t.w.control(hello) // the plugin registers once the operator's Hello is in (spec 4.1)
 	t.wg.Add(2)
 	go func() {
 		defer t.wg.Done()
@@ -210,6 +233,14 @@ func (t *Tunnel) close(st *status.Status) {
 
 // fail reports a tunnel-level error to the peer with GoAway and closes.
 func (t *Tunnel) fail(st *status.Status) {
+	if t.leave(st) {
+		t.log.Info("tunnel protocol error", "code", st.Code(), "reason", st.Message())
+	}
+}
+
+// leave sends GoAway with st, what is queued, and closes the tunnel with st,
+// without waiting for streams. It reports false when already leaving.
+func (t *Tunnel) leave(st *status.Status) bool {
 	t.mu.Lock()
 	first := t.failure == nil
 	if first {
@@ -218,12 +249,12 @@ func (t *Tunnel) fail(st *status.Status) {
 	}
 	t.mu.Unlock()
 	if !first {
-		return
+		return false
 	}
-	t.log.Info("tunnel protocol error", "code", st.Code(), "reason", st.Message())
 	t.w.control(goAwayFrame(st))
 	t.w.flush()
 	time.AfterFunc(writerStopTimeout, func() { t.close(st) })
+	return true
 }
 
 // closeFlushed is called by the write loop once a flush has sent everything.
@@ -319,9 +350,27 @@ func (t *Tunnel) removeStream(s *stream) {
 	}
 }
 
+// preRegistrationBatch is the batch limit before registration (spec 3.3).
+const preRegistrationBatch = 64 << 10
+
+// recvLimit is the size above which the next batch is refused undecoded:
+// 64 KiB at the operator until it has accepted the registration, nothing
+// more once the tunnel is failing.
+func (t *Tunnel) recvLimit() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	switch {
+	case t.failure != nil:
+		return 1
+	case t.cfg.Side == OperatorSide && t.phase != phaseReady:
+		return preRegistrationBatch
+	}
+	return 0
+}
+
 func (t *Tunnel) readLoop() {
 	for {
-		frames, err := t.tr.Recv()
+		b, err := t.tr.Recv(t.recvLimit)
 		if err != nil {
 			st := transportStatus(err)
 			t.mu.Lock()
@@ -333,14 +382,38 @@ func (t *Tunnel) readLoop() {
 			return
 		}
 		t.lastRecv.Store(time.Now().UnixNano())
-		for _, in := range frames {
+		// After a tunnel error, frames are no longer acted on; the loop
+		// keeps reading until the transport ends with the tunnel.
+		switch {
+		case b.tooLarge > 0:
+			if t.failing() {
+				continue
+			}
+			t.fail(status.Newf(codes.ResourceExhausted, "batch of %d bytes before registration: the limit is %d", b.tooLarge, preRegistrationBatch))
+			continue
+		case b.tooMany:
+			t.fail(status.New(codes.ResourceExhausted, errTooManyFrames.Error()))
+			continue
+		}
+		for i, in := range b.frames {
+			if t.failing() {
+				for _, rest := range b.frames[i:] {
+					freeBuffer(rest.buf)
+				}
+				break
+			}
 			if st := t.handleFrame(in.f, in.buf); st != nil {
 				t.fail(st)
-				// Keep reading: the peer may still answer, and the
-				// transport ends when the tunnel closes.
 			}
 		}
 	}
+}
+
+// failing reports a tunnel error being reported to the peer.
+func (t *Tunnel) failing() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.failure != nil
 }
 
 // transportStatus describes the end of the transport: a clean end or a
@@ -362,31 +435,34 @@ func transportStatus(err error) *status.Status {
 // message frame's data, if set). A non-nil result is a violation of the
 // tunnel itself; stream-level violations are answered on their stream.
 func (t *Tunnel) handleFrame(f *pb.Frame, buf mem.Buffer) *status.Status {
-	if buf != nil {
-		if _, ok := f.GetKind().(*pb.Frame_Message); !ok || f.GetStreamId() == 0 {
-			buf.Free()
-			buf = nil
-		}
+	if _, ok := f.GetKind().(*pb.Frame_Message); !ok && buf != nil {
+		buf.Free() // only a message frame's data is kept
+		buf = nil
 	}
 	if f.GetStreamId() == 0 {
+		freeBuffer(buf) // a message frame on stream 0 is an error below
 		return t.handleTunnelFrame(f)
 	}
-	switch k := f.GetKind().(type) {
-	case *pb.Frame_Open:
-		return t.handleOpen(f.GetStreamId(), k.Open)
-	case *pb.Frame_Headers, *pb.Frame_Message, *pb.Frame_HalfClose, *pb.Frame_Cancel, *pb.Frame_Close, *pb.Frame_WindowUpdate:
+	switch f.GetKind().(type) {
+	case *pb.Frame_Open, *pb.Frame_Headers, *pb.Frame_Message, *pb.Frame_HalfClose, *pb.Frame_Cancel, *pb.Frame_Close, *pb.Frame_WindowUpdate:
 	case nil:
 		return nil // a frame kind from a later version: ignored
 	default:
 		return status.Newf(codes.Internal, "%s frame on stream %d", kindName(f), f.GetStreamId())
 	}
 	t.mu.Lock()
+	ready := t.phase == phaseReady
 	s := t.streams[f.GetStreamId()]
 	t.mu.Unlock()
+	if !ready {
+		freeBuffer(buf)
+		return status.Newf(codes.Internal, "stream frame %s before registration", kindName(f))
+	}
+	if o, ok := f.GetKind().(*pb.Frame_Open); ok {
+		return t.handleOpen(f.GetStreamId(), o.Open)
+	}
 	if s == nil {
-		if buf != nil {
-			buf.Free()
-		}
+		freeBuffer(buf)
 		t.orphan(f)
 		return nil
 	}
@@ -501,9 +577,38 @@ func (t *Tunnel) onHello(h *pb.Hello) *status.Status {
 	t.version, t.peer, t.phase = v, ps, phaseRegister
 	t.chunk = min(maxChunkSize, ps.MaxBatchSize-batchReserve-frameOverhead)
 	t.slots = make(chan struct{}, ps.MaxConcurrentStreams)
-	t.w.setMaxBatch(ps.MaxBatchSize)
 	close(t.helloC)
+	if t.cfg.Side == PluginSide {
+		if len(h.GetReplicaId()) > maxReplicaID {
+			return status.Newf(codes.InvalidArgument, "bad hello: replica id longer than %d bytes", maxReplicaID)
+		}
+		t.peerReplica = Replica{ID: h.GetReplicaId(), Count: int(min(h.GetReplicaCount(), 1<<16))}
+		go t.register(t.peerReplica) // off the read loop's lock
+	}
 	return nil
+}
+
+// maxReplicaID bounds Hello.replica_id (spec 4.7).
+const maxReplicaID = 253
+
+// register sends the plugin's Register, unless BeforeRegister refuses the
+// operator replica the tunnel reached.
+func (t *Tunnel) register(r Replica) {
+	if t.cfg.BeforeRegister != nil {
+		if st := t.cfg.BeforeRegister(r); st != nil {
+			t.leave(st)
+			return
+		}
+	}
+	t.w.control(&pb.Frame{Kind: &pb.Frame_Register{Register: t.cfg.Register}})
+}
+
+// PeerReplica is what the operator's Hello said of the operator process
+// (plugin side); zero before it arrives.
+func (t *Tunnel) PeerReplica() Replica {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.peerReplica
 }
 
 func (t *Tunnel) onRegister(r *pb.Register) *status.Status {
@@ -537,6 +642,7 @@ func (t *Tunnel) onRegisterAnswer(ack *pb.RegisterAck, reject *status.Status) *s
 	}
 	t.ack, t.phase = ack, phaseReady
 	close(t.registerC)
+	t.w.setMaxBatch(t.peer.MaxBatchSize) // registered: the peer's limit applies (spec 3.3)
 	t.mu.Unlock()
 	return nil
 }
@@ -569,6 +675,7 @@ func (t *Tunnel) Accept(instanceID string) {
 	t.phase = phaseReady
 	t.mu.Unlock()
 	t.w.control(&pb.Frame{Kind: &pb.Frame_RegisterAck{RegisterAck: &pb.RegisterAck{InstanceId: instanceID}}})
+	t.w.setMaxBatch(t.peer.MaxBatchSize) // after the ack: that batch stays within 64 KiB (spec 3.3)
 }
 
 // Reject refuses the registration (operator side) and closes the tunnel
@@ -624,8 +731,6 @@ func (t *Tunnel) handleOpen(id uint64, o *pb.StreamOpen) *status.Status {
 	t.lastPeerID = id
 	var refuse *status.Status
 	switch {
-	case t.phase != phaseReady:
-		refuse = status.New(codes.FailedPrecondition, "call before registration")
 	case t.cfg.Handler == nil:
 		refuse = status.New(codes.Unimplemented, "this side of the tunnel serves no calls")
 	case t.goingAway:

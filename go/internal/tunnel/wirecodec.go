@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"errors"
 	"fmt"
 
 	"google.golang.org/grpc/encoding"
@@ -42,6 +43,7 @@ const (
 func (c wireCodec) Marshal(v any) (mem.BufferSlice, error) {
 	switch m := v.(type) {
 	case *outBatch:
+		m.encoded = true
 		return encodeBatch(m.frames)
 	case *pb.ConnectRequest:
 		return encodeBatch(plainFrames(m.GetFrames()))
@@ -61,10 +63,18 @@ func plainFrames(fs []*pb.Frame) []outFrame {
 
 // encodeBatch encodes frames as the repeated field 1 of a batch message.
 // Large message data is not copied: it is appended to the result as its own
-// buffer, whose reference passes to gRPC.
-func encodeBatch(frames []outFrame) (mem.BufferSlice, error) {
+// buffer, whose reference passes to gRPC. It takes over the frames'
+// references (buffers.go): on error it frees them all.
+func encodeBatch(frames []outFrame) (_ mem.BufferSlice, err error) {
 	var out mem.BufferSlice
 	var buf []byte
+	done := 0 // frames whose reference was freed or moved to out
+	defer func() {
+		if err != nil {
+			out.Free()
+			freeOut(frames[done:])
+		}
+	}()
 	for _, of := range frames {
 		f := of.f
 		msg, ok := f.GetKind().(*pb.Frame_Message)
@@ -75,9 +85,8 @@ func encodeBatch(frames []outFrame) (mem.BufferSlice, error) {
 			if buf, err = (proto.MarshalOptions{UseCachedSize: true}).MarshalAppend(buf, f); err != nil {
 				return nil, err
 			}
-			if of.buf != nil {
-				of.buf.Free() // copied
-			}
+			freeBuffer(of.buf) // copied
+			done++
 			continue
 		}
 		// Frame{stream_id, message: StreamMessage{size, data}}.
@@ -113,6 +122,7 @@ func encodeBatch(frames []outFrame) (mem.BufferSlice, error) {
 		} else {
 			out = append(out, mem.SliceBuffer(data))
 		}
+		done++
 	}
 	if len(buf) > 0 || len(out) == 0 {
 		out = append(out, mem.SliceBuffer(buf))
@@ -123,10 +133,19 @@ func encodeBatch(frames []outFrame) (mem.BufferSlice, error) {
 func (c wireCodec) Unmarshal(data mem.BufferSlice, v any) error {
 	switch m := v.(type) {
 	case *inBatch:
+		if limit := m.limit(); limit > 0 && data.Len() > limit {
+			// Refused undecoded: a batch-level violation, not a codec error.
+			m.tooLarge = data.Len()
+			return nil
+		}
 		root := data.MaterializeToBuffer(mem.DefaultBufferPool())
 		defer root.Free()
 		fs, err := decodeBatch(root.ReadOnlyData(), root)
 		m.frames = fs
+		if errors.Is(err, errTooManyFrames) {
+			m.tooMany = true
+			return nil
+		}
 		return err
 	case *pb.ConnectRequest:
 		return decodePlain(data, &m.Frames)
@@ -144,15 +163,28 @@ func decodePlain(data mem.BufferSlice, dst *[]*pb.Frame) error {
 	return err
 }
 
+// maxBatchFrames is the most frames a batch may hold (spec 3.1).
+const maxBatchFrames = 4096
+
+var errTooManyFrames = errors.New("batch of more than 4096 frames")
+
 // decodeBatch parses an encoded ConnectRequest or ConnectResponse in b.
 // Message frames are parsed by hand so that their data aliases b; every
 // other frame goes through proto.Unmarshal. Unknown fields are skipped, as
-// proto does. When root (the buffer holding b) is set, large data gets a
-// counted view of it and small data is copied out, since root is freed
-// when decoding ends.
-func decodeBatch(b []byte, root mem.Buffer) ([]inFrame, error) {
+// proto does. When root (the buffer holding b) is set, each chunk gets a
+// buffer of its own, a counted view of root or a copy (buffers.go), since
+// root is freed when decoding ends. More than maxBatchFrames frames is
+// errTooManyFrames. On any error the buffers decoded so far are freed.
+func decodeBatch(b []byte, root mem.Buffer) (frames []inFrame, err error) {
 	whole := b
-	var frames []inFrame
+	defer func() {
+		if err != nil {
+			for _, f := range frames {
+				freeBuffer(f.buf)
+			}
+			frames = nil
+		}
+	}()
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
 		if n < 0 {
@@ -174,17 +206,21 @@ func decodeBatch(b []byte, root mem.Buffer) ([]inFrame, error) {
 			return frames, fmt.Errorf("malformed batch: %w", protowire.ParseError(n))
 		}
 		b = b[n:]
+		if len(frames) == maxBatchFrames {
+			return frames, errTooManyFrames
+		}
 		f, aliased, err := decodeFrame(fb)
 		if err != nil {
 			return frames, err
 		}
 		in := inFrame{f: f}
 		if m := f.GetMessage(); root != nil && aliased && len(m.Data) > 0 {
-			if len(m.Data) < referenceThreshold {
-				m.Data = append([]byte(nil), m.Data...)
-			} else {
+			if aliasable(len(m.Data), len(whole)) {
 				off := cap(whole) - cap(m.Data)
 				in.buf = root.Slice(off, off+len(m.Data))
+			} else {
+				in.buf = mem.Copy(m.Data, mem.DefaultBufferPool())
+				m.Data = in.buf.ReadOnlyData()
 			}
 		}
 		frames = append(frames, in)

@@ -176,7 +176,7 @@ func (w *writer) collect(batch []outFrame) ([]outFrame, bool) {
 	defer w.mu.Unlock()
 	size := 0
 	n := 0
-	for ; n < len(w.ctrl); n++ {
+	for ; n < len(w.ctrl) && len(batch) < maxBatchFrames; n++ {
 		fs := frameSize(w.ctrl[n].f)
 		if len(batch) > 0 && size+fs > w.maxBatch {
 			break
@@ -188,12 +188,12 @@ func (w *writer) collect(batch []outFrame) ([]outFrame, bool) {
 	if len(w.ctrl) == 0 {
 		w.ctrl = nil // let the backing array go
 	}
-	if w.pong != nil && (len(batch) == 0 || size+frameOverhead <= w.maxBatch) {
+	if w.pong != nil && len(batch) < maxBatchFrames && (len(batch) == 0 || size+frameOverhead <= w.maxBatch) {
 		batch = append(batch, outFrame{f: w.pong})
 		size += frameSize(w.pong)
 		w.pong = nil
 	}
-	for len(w.ready) > 0 {
+	for len(w.ready) > 0 && len(batch) < maxBatchFrames {
 		s := w.ready[0]
 		if len(s.out) == 0 { // discarded
 			w.ready = w.ready[1:]
