@@ -111,7 +111,9 @@ def headers(stream_id: int, md: Iterable[tuple[str, Sequence[bytes]]]) -> bytes:
     return _frame(stream_id, _HEADERS, metadata_entries(md))
 
 
-_OK_CLOSE_PAYLOAD = b""
+# StreamClose{status: {}}: OK is sent as an empty status rather than unset
+# (both mean OK, spec 10.1), as the Go implementation does.
+_OK_CLOSE_PAYLOAD = b"\x0a\x00"
 
 
 def close(
@@ -119,7 +121,7 @@ def close(
     status: status_pb2.Status | None,
     trailers: Iterable[tuple[str, Sequence[bytes]]] = (),
 ) -> bytes:
-    """A StreamClose; status None (or OK with nothing else) is sent unset."""
+    """A StreamClose with status (None: OK) and trailers."""
     payload = _OK_CLOSE_PAYLOAD
     if status is not None and (status.code or status.message or status.details):
         payload = _field(b"\x0a", status.SerializeToString())
