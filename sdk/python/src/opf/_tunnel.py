@@ -135,6 +135,8 @@ class Tunnel:
         self.failure: status_pb2.Status | None = None
         self.closed: status_pb2.Status | None = None
         self.last_recv = self.loop.time()
+        self.batches_in = 0  # for the debug log
+        self.bytes_in = 0
         self.answer: asyncio.Future[str] = self.loop.create_future()
         self.ended: asyncio.Future[status_pb2.Status] = self.loop.create_future()
         self.goaway: asyncio.Future[status_pb2.Status] = self.loop.create_future()
@@ -205,6 +207,14 @@ class Tunnel:
         if not self.ended.done():
             self.ended.set_result(reason)
         self._idle.set()
+        log.debug(
+            "tunnel %s: %d batches (%d bytes) received, %d batches (%d bytes) sent",
+            self.describe(),
+            self.batches_in,
+            self.bytes_in,
+            self.writer.batches,
+            self.writer.bytes,
+        )
         if not self._draining and (
             reason.code not in (_status.OK, _status.UNAVAILABLE) or self.registered
         ):
@@ -274,6 +284,8 @@ class Tunnel:
                     self.close(_status.new(_status.UNAVAILABLE, "peer closed the tunnel"))
                     return
                 self.last_recv = self.loop.time()
+                self.batches_in += 1
+                self.bytes_in += len(data)
                 try:
                     frames = decode(data).frames
                 except DecodeError as e:

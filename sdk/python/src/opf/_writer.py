@@ -64,7 +64,8 @@ class Writer:
         self._wake = asyncio.Event()
         self._flush = False
         self.flushed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.batches = 0
+        self.batches = 0  # sent, for the debug log
+        self.bytes = 0
 
     def set_peer_limit(self, max_batch_size: int) -> None:
         """Once registered, batches may grow to the peer's max_batch_size."""
@@ -162,8 +163,10 @@ class Writer:
                     parts = self._collect()
                     if not parts:
                         break
+                    batch = parts[0] if len(parts) == 1 else b"".join(parts)
                     self.batches += 1
-                    await call.write(parts[0] if len(parts) == 1 else b"".join(parts))
+                    self.bytes += len(batch)
+                    await call.write(batch)
                 if self._flush and not self._ctrl and not self._ready and self._pong is None:
                     await call.done_writing()
                     if not self.flushed.done():
