@@ -376,6 +376,9 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The runner may signal again while the plugin exits after its drain:
+    # from here on a SIGTERM outside the serving loop changes nothing.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     direct = os.environ.get("OPF_CONFORMANCE_DIRECT_LISTEN")
     asyncio.run(serve_direct(direct) if direct else serve_tunnel())
 

@@ -426,3 +426,34 @@ async def test_a_stalled_consumer_does_not_block_other_calls(operator: Operator)
 
 def test_the_package_exports() -> None:
     assert set(opf.__all__) >= {"Plugin", "Backoff", "TLS", "service_account_token", "token_file"}
+
+
+class Recorder(grpc.aio.ServerInterceptor):
+    """Records every method, and refuses GetObservation."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        self.methods.append(details.method)
+        if details.method.endswith("/GetObservation"):
+
+            async def deny(request: bytes, context: Any) -> None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not for you")
+
+            return grpc.unary_unary_rpc_method_handler(deny)
+        return await continuation(details)
+
+
+async def test_server_interceptors(operator: Operator) -> None:
+    rec = Recorder()
+    async with serving(operator.target, interceptors=[rec]):
+        stub = operator.stub()
+        assert (await stub.Unary(cpb.UnaryRequest(payload=b"i"), timeout=5)).payload == b"i"
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.GetObservation(cpb.GetObservationRequest(key="k"), timeout=5)
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert rec.methods == [
+            "/conformance.v1.ConformanceService/Unary",
+            "/conformance.v1.ConformanceService/GetObservation",
+        ]

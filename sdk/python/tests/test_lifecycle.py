@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -248,8 +249,14 @@ async def test_two_operators_one_tunnel_each(testoperator: str, workdir: Path) -
         await b.kill()
 
 
+async def _both_loopbacks(host: str) -> list[str]:
+    assert host == "operator.test"
+    return ["127.0.0.2", "127.0.0.1", "127.0.0.2"]
+
+
+@pytest.mark.parametrize("form", ["ipv4", "dns"])
 async def test_a_duplicate_tunnel_to_one_replica_is_closed(
-    testoperator: str, workdir: Path, caplog: pytest.LogCaptureFixture
+    testoperator: str, workdir: Path, caplog: pytest.LogCaptureFixture, form: str
 ) -> None:
     """Two addresses that reach one operator process: one tunnel registers,
     the other sees the same replica id in the operator's Hello and leaves."""
@@ -257,8 +264,11 @@ async def test_a_duplicate_tunnel_to_one_replica_is_closed(
     op = Operator(testoperator, workdir, listen=f":{port}")
     await op.start()
     try:
-        target = f"ipv4:127.0.0.1:{port},127.0.0.2:{port}"
-        async with serving(target) as plugin:
+        if form == "ipv4":
+            target, extra = f"ipv4:127.0.0.1:{port},127.0.0.2:{port}", dict[str, Any]()
+        else:  # a DNS name resolving to both, through lookup_host
+            target, extra = f"operator.test:{port}", {"lookup_host": _both_loopbacks}
+        async with serving(target, **extra) as plugin:
             await asyncio.sleep(1.5)  # several retries of the duplicate slot
             assert len(op.instances()) == 1
             assert len([e for e in op.events if e["event"] == "registered"]) == 1

@@ -72,6 +72,7 @@ class Handlers:
         self.methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self.generic: list[grpc.GenericRpcHandler] = []
         self.services: list[str] = []
+        self.interceptors: list[grpc.aio.ServerInterceptor] = []
         self.executor: Executor | None = None
 
     def add_service_name(self, name: str) -> None:
@@ -103,13 +104,43 @@ class Handlers:
 
     def start(self, tunnel: Tunnel, s: HandlerStream) -> None:
         """Starts the handler of a stream just opened."""
-        h = self.lookup(s.method, s.metadata)
-        if isinstance(h, status_pb2.Status):
-            s.finish([_wire.close(s.id, h)])
-            return
-        task = tunnel.loop.create_task(self._run(tunnel, s, h))
+        if self.interceptors:
+            task = tunnel.loop.create_task(self._intercepted(tunnel, s))
+        else:
+            h = self.lookup(s.method, s.metadata)
+            if isinstance(h, status_pb2.Status):
+                s.finish([_wire.close(s.id, h)])
+                return
+            task = tunnel.loop.create_task(self._run(tunnel, s, h))
         tunnel.tasks.add(task)
         task.add_done_callback(tunnel.tasks.discard)
+
+    async def _intercepted(self, tunnel: Tunnel, s: HandlerStream) -> None:
+        """Looks the handler up through the interceptors, as grpc.aio does:
+        each gets a continuation to the next, the last one the lookup."""
+        missing: list[status_pb2.Status] = []
+
+        async def lookup(details: Any) -> grpc.RpcMethodHandler[Any, Any] | None:
+            h = self.lookup(details.method, s.metadata)
+            if isinstance(h, status_pb2.Status):
+                missing.append(h)
+                return None
+            return h
+
+        continuation: Callable[[Any], Any] = lookup
+        for icpt in reversed(self.interceptors):
+            continuation = functools.partial(icpt.intercept_service, continuation)
+        try:
+            h = await continuation(_CallDetails(s.method, s.metadata))
+        except Exception as e:
+            log.exception("server interceptor failed on %s", s.method)
+            s.finish([_wire.close(s.id, _panic(e))])
+            return
+        if h is None:
+            st = missing[0] if missing else _status.new(_status.UNIMPLEMENTED, "")
+            s.finish([_wire.close(s.id, st)])
+            return
+        await self._run(tunnel, s, h)
 
     async def _run(
         self, tunnel: Tunnel, s: HandlerStream, h: grpc.RpcMethodHandler[Any, Any]

@@ -40,7 +40,7 @@ from opf._defaults import (
 from opf._handlers import Handlers
 from opf._options import TLS, Backoff, TokenSource
 from opf._slots import ConnectOptions, Connector
-from opf._target import parse
+from opf._target import LookupHost, parse
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,9 @@ class Plugin:
         plaintext_token: bool = False,
         resolve_interval: float = DEFAULT_RESOLVE_INTERVAL,
         channel_options: Sequence[tuple[str, Any]] = (),
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         executor: Executor | None = None,
+        lookup_host: LookupHost | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError("plugin name is empty")
@@ -188,6 +190,7 @@ class Plugin:
         self.version = version
         self._labels = labels
         self._handlers = Handlers()
+        self._handlers.interceptors = list(interceptors)
         for s in services:
             check_service_name(s)
             self._handlers.add_service_name(s)
@@ -207,6 +210,7 @@ class Plugin:
             tls=tls,
             token=token,
             channel_options=tuple(channel_options),
+            lookup_host=lookup_host,
         )
         self._connector: Connector | None = None
         self._serving: asyncio.Task[None] | None = None
@@ -286,12 +290,13 @@ class Plugin:
         connector = self._connector = Connector(self._core, self._target, self._connect)
         if self._stop_requested:
             connector.stop()
-        installed: list[signal.Signals] = []
+        installed: dict[signal.Signals, Any] = {}  # and the handler it replaced
         if handle_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
+                previous = signal.getsignal(signum)
                 try:
                     loop.add_signal_handler(signum, self._on_signal, signum)
-                    installed.append(signum)
+                    installed[signum] = previous
                 except (NotImplementedError, RuntimeError):
                     pass
         self._started.set()
@@ -305,8 +310,10 @@ class Plugin:
         try:
             await connector.run()
         finally:
-            for signum in installed:
+            for signum, previous in installed.items():
                 loop.remove_signal_handler(signum)
+                if previous is not None:
+                    signal.signal(signum, previous)
             if self._own_executor is not None:
                 self._own_executor.shutdown(wait=False)
             log.info("plugin %s stopped", self.name)

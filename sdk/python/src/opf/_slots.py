@@ -21,7 +21,7 @@ from opf import _status
 from opf._core import Core
 from opf._defaults import CONNECT_METHOD, MAX_SLOTS
 from opf._options import TLS, Backoff, TokenSource
-from opf._target import Address, Target, resolve
+from opf._target import Address, LookupHost, Target, resolve
 from opf._tunnel import AttemptFailed, Tunnel
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class ConnectOptions:
     tls: TLS | None
     token: TokenSource | None
     channel_options: Sequence[tuple[str, Any]]
+    lookup_host: LookupHost | None
 
 
 class _Stopped(Exception):
@@ -90,7 +91,7 @@ class Connector:
         attempt = 0
         while not self.stopping.is_set():
             try:
-                found = await resolve(self.target)
+                found = await resolve(self.target, self.opts.lookup_host)
             except OSError as e:
                 delay = self.opts.backoff.delay(attempt)
                 attempt += 1
@@ -143,7 +144,8 @@ class Connector:
                     self.last_error = e
                     delay = self.opts.backoff.delay(attempt)
                     attempt += 1
-                    level = logging.WARNING if e.rejected else logging.INFO
+                    # The first failure of a streak shows with no logging set up.
+                    level = logging.WARNING if e.rejected or attempt == 1 else logging.INFO
                     what = "registration refused" if e.rejected else "connection attempt failed"
                     log.log(
                         level,

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import re
 import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 FORMS = (
@@ -168,15 +169,24 @@ def parse(target: str) -> Target:
     return Target(target, "dns", host=host, port=port)
 
 
-async def resolve(target: Target) -> list[Address]:
+LookupHost = Callable[[str], Awaitable[Sequence[str]]]
+
+
+async def resolve(target: Target, lookup: LookupHost | None = None) -> list[Address]:
     """The target's addresses, deduplicated and sorted (14.2).
 
-    Raises OSError when a DNS name does not resolve.
+    lookup, when given, resolves a host name to IP addresses instead of the
+    system's resolver. Raises OSError when a DNS name does not resolve.
     """
     if target.kind != "dns":
         return list(target.addresses)
     if _ip(target.host) is not None:
         return [_ip_address(target.host, target.port)]
+    if lookup is not None:
+        ips = [ip for ip in await lookup(target.host) if _ip(ip) is not None]
+        if not ips:
+            raise OSError(f"{target.host} resolves to no IPv4 or IPv6 address")
+        return sorted({_ip_address(ip, target.port) for ip in ips})
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(
         target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
