@@ -23,12 +23,16 @@ MUST = {
 
 def main() -> int:
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run(
+        built = subprocess.run(
             [sys.executable, "-m", "hatchling", "build", "-d", out],
             cwd=SDK,
-            check=True,
-            stdout=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
         )
+        if built.returncode != 0:
+            print(built.stdout + built.stderr)
+            return 1
         wheels = list(Path(out).glob("*.whl"))
         if len(wheels) != 1 or not list(Path(out).glob("*.tar.gz")):
             print(f"expected one wheel and one sdist, got {sorted(Path(out).iterdir())}")

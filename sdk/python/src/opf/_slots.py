@@ -133,6 +133,7 @@ class Connector:
 
     async def _slot(self, index: int) -> None:
         attempt = 0
+        failures = 0  # in a row: the first shows as a warning
         try:
             while not self.stopping.is_set() and index < self._count:
                 address = self.addresses[index % len(self.addresses)]
@@ -144,8 +145,9 @@ class Connector:
                     self.last_error = e
                     delay = self.opts.backoff.delay(attempt)
                     attempt += 1
-                    # The first failure of a streak shows with no logging set up.
-                    level = logging.WARNING if e.rejected or attempt == 1 else logging.INFO
+                    failures += 1
+                    # The first failure of a series shows with no logging set up.
+                    level = logging.WARNING if e.rejected or failures == 1 else logging.INFO
                     what = "registration refused" if e.rejected else "connection attempt failed"
                     log.log(
                         level,
@@ -160,6 +162,7 @@ class Connector:
                     await self._sleep(delay)
                     continue
                 attempt = 0
+                failures = 0
                 self.last_error = None
                 log.info(
                     "registered as %s with the operator at %s (replica %s)",
