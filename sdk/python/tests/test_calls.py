@@ -300,7 +300,7 @@ async def test_context_behaves_as_grpc_aio(operator: Operator) -> None:
         await asyncio.wait_for(probe.done.wait(), 5)
         assert probe.seen["is_aio_context"]
         assert probe.seen["peer"].startswith("unix:")
-        assert 4 < probe.seen["remaining"] <= 5
+        assert 4 < probe.seen["remaining"] <= 5.1  # the client rounds grpc-timeout up
         assert not probe.seen["cancelled_before"] and not probe.seen["cancelled_after"]
         assert ("x-k", "v") in probe.seen["metadata"]
         assert probe.seen["metadata"][0].key == "x-k"  # pairs with .key and .value

@@ -276,3 +276,29 @@ async def test_a_duplicate_tunnel_to_one_replica_is_closed(
             assert "duplicate tunnel to replica" in caplog.text
     finally:
         await op.kill()
+
+
+async def test_new_replicas_are_found_by_resolving_again(testoperator: str, workdir: Path) -> None:
+    """The target is resolved again every resolve_interval: a replica that
+    appears gets a tunnel of its own (a slot), the first one keeps its."""
+    port = free_port()
+    a = Operator(testoperator, workdir, name="a", listen=f"127.0.0.1:{port}")
+    b = Operator(testoperator, workdir, name="b", listen=f"127.0.0.2:{port}")
+    await a.start()
+    await b.start()
+    answer = ["127.0.0.1"]
+
+    async def lookup(host: str) -> list[str]:
+        return list(answer)
+
+    try:
+        async with serving(f"operator.test:{port}", lookup_host=lookup, resolve_interval=0.2):
+            await a.registered(1)
+            await asyncio.sleep(0.5)
+            assert b.instances() == set()
+            answer.append("127.0.0.2")
+            await b.registered(1, timeout=5)
+            assert len([e for e in a.events if e["event"] == "registered"]) == 1
+    finally:
+        await a.kill()
+        await b.kill()

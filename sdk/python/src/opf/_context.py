@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
 from opf import _metadata, _status, _wire
@@ -182,15 +183,21 @@ class Context(grpc.aio.ServicerContext[Any, Any]):
         trailers: list[tuple[str, list[bytes]]] = []
         if self._trailing:
             rest = []
-            for key, value in self._trailing:
-                if isinstance(key, str) and key.lower() == _DETAILS_KEY:
-                    detailed = status_pb2.Status.FromString(
-                        value if isinstance(value, bytes) else str(value).encode()
-                    )
-                    st.details.extend(detailed.details)
-                else:
-                    rest.append((key, value))
-            trailers = _metadata.encode(rest)
+            try:
+                for key, value in self._trailing:
+                    if isinstance(key, str) and key.lower() == _DETAILS_KEY:
+                        detailed = status_pb2.Status.FromString(
+                            value if isinstance(value, bytes) else str(value).encode()
+                        )
+                        st.details.extend(detailed.details)
+                    else:
+                        rest.append((key, value))
+                trailers = _metadata.encode(rest)
+            except (ValueError, TypeError, DecodeError) as e:
+                # A sender fails the call rather than send bad metadata (9.1).
+                raise CallError(
+                    _status.new(_status.INTERNAL, f"invalid response trailers: {e}")
+                ) from e
         return st, trailers
 
     # --- the call ---------------------------------------------------------

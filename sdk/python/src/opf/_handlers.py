@@ -24,6 +24,7 @@ from google.rpc import status_pb2
 from opf import _status, _wire
 from opf._context import Context, SyncContext
 from opf._status import CallError
+from opf._stream import CLOSED
 
 if TYPE_CHECKING:
     from opf._metadata import Metadatum
@@ -192,7 +193,10 @@ class Handlers:
                     await self._stream_sync(tunnel, fn, request, ctx)
                 st, trailers = ctx.final_status()
         except grpc.aio.AbortError:
-            st, trailers = ctx.final_status()
+            try:
+                st, trailers = ctx.final_status()
+            except CallError as e:
+                st = e.status
         except CallError as e:
             st = e.status
         except asyncio.CancelledError:
@@ -207,7 +211,7 @@ class Handlers:
                 log.exception("handler of %s raised", s.method)
                 st = _panic(e)
         ctx.mark_done()
-        if s.state >= 3:  # CLOSED: aborted or the tunnel closed
+        if s.state == CLOSED:  # aborted, or the tunnel closed
             return
         try:
             if response is not None:

@@ -213,7 +213,8 @@ class Plugin:
             lookup_host=lookup_host,
         )
         self._connector: Connector | None = None
-        self._serving: asyncio.Task[None] | None = None
+        self._serving: asyncio.Task[None] | None = None  # serve() under async with
+        self._served: asyncio.Future[None] | None = None  # done when serve() returns
         self._stop_requested = False
         self._started = threading.Event()
 
@@ -287,6 +288,7 @@ class Plugin:
             )
         self._handlers.executor = self._executor or self._own_executor
         loop = asyncio.get_running_loop()
+        self._served = loop.create_future()
         connector = self._connector = Connector(self._core, self._target, self._connect)
         if self._stop_requested:
             connector.stop()
@@ -316,6 +318,8 @@ class Plugin:
                     signal.signal(signum, previous)
             if self._own_executor is not None:
                 self._own_executor.shutdown(wait=False)
+            if not self._served.done():
+                self._served.set_result(None)
             log.info("plugin %s stopped", self.name)
 
     def _on_signal(self, sig: int) -> None:
@@ -332,8 +336,10 @@ class Plugin:
         """Drains (GoAway, calls finish within drain_timeout) and waits for
         serve() to return. Idempotent."""
         self.stop_nowait()
-        if self._serving is not None:
-            await asyncio.shield(self._serving)
+        if self._served is not None:
+            await asyncio.shield(self._served)
+        if self._serving is not None and self._serving.done():
+            self._serving.result()  # serve()'s error, if it failed
 
     async def wait_registered(self, timeout: float | None = None) -> list[str]:
         """Waits until at least one tunnel is registered; returns the
@@ -355,15 +361,13 @@ class Plugin:
                     + (f" (last error: {err})" if err else ""),
                     err,
                 )
-            wait = 0.05 if c is None else None
-            ev = c.registered_changed if c is not None else None
-            try:
-                if ev is not None:
-                    await asyncio.wait_for(ev.wait(), remaining)
+            # Until serve() has started there is nothing to wait on: poll.
+            step = 0.05 if remaining is None else min(remaining, 0.05)
+            with contextlib.suppress(asyncio.TimeoutError):
+                if c is None:
+                    await asyncio.sleep(step)
                 else:
-                    await asyncio.sleep(min(wait or 0.05, remaining or 0.05))
-            except asyncio.TimeoutError:
-                continue
+                    await asyncio.wait_for(c.registered_changed.wait(), remaining)
 
     def _last_error(self) -> BaseException | None:
         c = self._connector

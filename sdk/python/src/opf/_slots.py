@@ -86,6 +86,7 @@ class Connector:
 
     def stop(self) -> None:
         self.stopping.set()
+        self._signal_registered()  # wakes wait_registered()
 
     async def _resolver(self) -> None:
         attempt = 0
