@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 
 import opf
 from conformance.v1 import conformance_pb2 as cpb
-from harness import Operator, free_port, serving, start_plugin_process
+from harness import SDK, Operator, free_port, serving, start_plugin_process
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -302,3 +303,42 @@ async def test_new_replicas_are_found_by_resolving_again(testoperator: str, work
     finally:
         await a.kill()
         await b.kill()
+
+
+SYNC_PROGRAM = """
+import sys
+sys.path[:0] = [{src!r}, {sdk!r}]
+import opf
+from conformance.v1 import conformance_pb2_grpc as cgrpc
+from conformance_plugin import Conformance
+
+plugin = opf.Plugin("conformance", target={target!r})
+cgrpc.add_ConformanceServiceServicer_to_server(Conformance(), plugin)
+plugin.serve_forever()
+print("returned", flush=True)
+"""
+
+
+async def test_serve_forever_for_programs_without_asyncio(
+    operator: Operator, workdir: Path
+) -> None:
+    script = workdir / "sync_plugin.py"
+    script.write_text(
+        SYNC_PROGRAM.format(src=str(SDK / "src"), sdk=str(SDK), target=operator.target)
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await operator.registered(1)
+        r = await operator.stub().Unary(cpb.UnaryRequest(payload=b"sync"), timeout=5)
+        assert r.payload == b"sync"
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), 5)
+        assert proc.returncode == 0, err.decode()
+        assert out == b"returned\n"
+        await operator.registered(0)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
