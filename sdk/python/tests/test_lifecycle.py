@@ -72,6 +72,9 @@ async def test_sigterm_drains_the_plugin_process(operator: Operator, workdir: Pa
         assert (await in_flight).payload == b"finished"
         assert await asyncio.wait_for(proc.wait(), 5) == 0
         await operator.registered(0, timeout=5)
+    except BaseException:
+        print((workdir / "plugin.log").read_text(errors="replace"))
+        raise
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -93,6 +96,9 @@ async def test_a_plugin_killed_mid_call(operator: Operator, workdir: Path) -> No
         assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - start < 3
         await operator.registered(0, timeout=5)
+    except BaseException:
+        print((workdir / "plugin.log").read_text(errors="replace"))
+        raise
     finally:
         if proc.returncode is None:
             proc.kill()
