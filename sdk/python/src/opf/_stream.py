@@ -333,14 +333,12 @@ class HandlerStream(Queued):
             return
         view = memoryview(data)
         off = 0
-        # Wait for credit for a whole chunk when the window can give it (the
-        # receiver returns all but a quarter window, 8.1): measured faster
-        # than sending a part and the rest later. Else take what there is.
-        whole = (3 * t.peer_window) // 4
+        # Send what the credit allows rather than wait for a whole chunk:
+        # with the default 2 MiB window, two 1 MiB messages need 128 bytes
+        # more than the window, so waiting would leave one message in flight.
         while True:
             credit = self._send_credit
-            want = min(n - off, max_chunk)
-            need = CHUNK_COST + (want if want + CHUNK_COST <= whole else min(want, 1))
+            need = CHUNK_COST + (1 if off < n else 0)
             if credit < need:
                 fut = self._send_waiter = t.loop.create_future()
                 try:
