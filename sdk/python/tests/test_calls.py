@@ -232,7 +232,10 @@ async def test_deadline_reaches_the_handler_and_is_enforced(operator: Operator) 
         sleep.sleep.FromSeconds(10)
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await stub.Unary(cpb.UnaryRequest(action=sleep), timeout=0.3)
-        assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The proxy's gRPC server enforces the same deadline: when its timer
+        # fires first it resets the stream, which the client reports as
+        # CANCELLED (a race in front of the tunnel, seen under load).
+        assert exc.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
         assert time.monotonic() - start < 1.5
         req = cpb.GetObservationRequest(key="slow")
         req.wait.FromSeconds(3)

@@ -276,20 +276,35 @@ async def test_chunk_checks() -> None:
 
 
 async def test_sends_wait_for_credit() -> None:
+    """What credit does not cover waits; the handler goes on, but a second
+    message waits until the first has left in full."""
     t = _Tunnel(window=1024)
     s = HandlerStream(t, 1, "/s.S/M", (), None)  # type: ignore[arg-type]
-    send = asyncio.ensure_future(s.send_message(b"x" * 3000))
+
+    def queued() -> int:
+        return sum(len(bytes(p[1])) if isinstance(p, tuple) else 0 for p in s.out)
+
+    await s.send_message(b"x" * 3000)  # returns with most of it waiting
+    assert 0 < queued() <= 1024 - CHUNK_COST
+    second = asyncio.ensure_future(s.send_message(b"y" * 10))
+    flushed = asyncio.ensure_future(s.flush())
     await asyncio.sleep(0.01)
-    assert not send.done()
-    queued = sum(len(bytes(p[1])) if isinstance(p, tuple) else 0 for p in s.out)
-    assert 0 < queued <= 1024 - CHUNK_COST
-    for _ in range(10):
-        if send.done():
-            break
-        s.on_window_update(1024)
-        await asyncio.sleep(0.01)
-    assert send.done()
+    assert not second.done() and not flushed.done()
+    for _ in range(5):
+        s.on_window_update(1024)  # the reader pushes the rest at once
+    await asyncio.sleep(0.01)
+    assert flushed.done() and second.done()
     assert s._send_credit >= 0
+    frames = decode(*s.out)
+    assert frames[0].message.size == 3000
+    assert sum(len(f.message.data) for f in frames[:-1]) == 3000
+    assert (frames[-1].message.size, frames[-1].message.data) == (10, b"y" * 10)
+    # A cancelled stream drops what waits, and sends fail.
+    c = HandlerStream(_Tunnel(window=1024), 3, "/s.S/M", (), None)  # type: ignore[arg-type]
+    await c.send_message(b"z" * 3000)
+    c.on_cancel(None)
+    with pytest.raises(opf.CallError):
+        await c.flush()
 
 
 # --- what Plugin checks when it is created -----------------------------------

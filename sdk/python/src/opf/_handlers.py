@@ -216,6 +216,7 @@ class Handlers:
         try:
             if response is not None:
                 await s.send_message(response, ctx.take_pending_headers())
+            await s.flush()  # the close follows every message (3.2)
             frames: list[_wire.Encoded] = []
             h_frame = ctx.take_pending_headers()
             if h_frame is not None:

@@ -45,15 +45,16 @@ class HandlerStream(Queued):
         "_recv_credit",
         "_recv_waiter",
         "_send_credit",
-        "_send_waiter",
+        "_send_waiters",
         "_timer",
         "_unacked",
+        "_unsent",
+        "_unsent_size",
         "_update_at",
         "cancel_status",
         "deadline",
         "headers_sent",
         "id",
-        "messages_sent",
         "metadata",
         "method",
         "on_cancel_context",
@@ -87,13 +88,16 @@ class HandlerStream(Queued):
         self._asm_need = 0
         self._recv_waiter: asyncio.Future[None] | None = None
         self._send_credit = tunnel.peer_window
-        self._send_waiter: asyncio.Future[None] | None = None
+        self._send_waiters: list[asyncio.Future[None]] = []
         # Why the handler's context was cancelled; reads and writes then
         # fail with it.
         self.cancel_status: status_pb2.Status | None = None
         self.on_cancel_context: Callable[[], object] | None = None
         self.headers_sent = False
-        self.messages_sent = 0
+        # The rest of a message waiting for credit, and its size while none
+        # of it has left (0 after its first chunk).
+        self._unsent: memoryview | None = None
+        self._unsent_size = 0
         self._done_callbacks: list[Callable[[], None]] | None = None
         self._timer: asyncio.TimerHandle | None = None
         if deadline is not None:
@@ -155,9 +159,8 @@ class HandlerStream(Queued):
         self._send_credit += increment
         if self._send_credit > MAX_SETTING and live:
             return _violation("window update overflows the window")
-        w = self._send_waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        if self._unsent is not None and live and self.cancel_status is None:
+            self._push()
         return None
 
     def on_cancel(self, p: status_pb2.Status | None) -> None:
@@ -182,6 +185,7 @@ class HandlerStream(Queued):
         if self.cancel_status is not None:
             return
         self.cancel_status = st
+        self._unsent = None
         self._wake()
         if self._timer is not None:
             self._timer.cancel()
@@ -244,8 +248,15 @@ class HandlerStream(Queued):
                 self.tunnel.loop.call_soon(cb)
 
     def _wake(self) -> None:
-        for w in (self._recv_waiter, self._send_waiter):
-            if w is not None and not w.done():
+        w = self._recv_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        waiters, self._send_waiters = self._send_waiters, []
+        for w in waiters:
+            if not w.done():
                 w.set_result(None)
 
     # --- the handler's side ---------------------------------------------
@@ -321,36 +332,51 @@ class HandlerStream(Queued):
                     f"trying to send message larger than max ({n} vs. {limit})",
                 )
             )
+        if self._unsent is not None:
+            await self.flush()  # at most one message waits for credit
         w = t.writer
         if prefix is not None:
             w.enqueue(self, prefix)
-        sid = self.id
-        max_chunk = t.max_chunk
-        if n + CHUNK_COST <= self._send_credit and n <= max_chunk:
+        if n + CHUNK_COST <= self._send_credit and n <= t.max_chunk:
             self._send_credit -= n + CHUNK_COST
-            w.enqueue(self, _wire.message(sid, n, data))
-            self.messages_sent += 1
+            w.enqueue(self, _wire.message(self.id, n, data))
             return
-        view = memoryview(data)
-        off = 0
-        # Send what the credit allows rather than wait for a whole chunk:
-        # with the default 2 MiB window, two 1 MiB messages need 128 bytes
-        # more than the window, so waiting would leave one message in flight.
+        # What the credit does not cover leaves from on_window_update, so
+        # that the handler makes its next message meanwhile. It sends what
+        # the credit allows rather than wait for whole chunks: with the
+        # default 2 MiB window, two 1 MiB messages need 128 bytes more than
+        # the window, so waiting would leave one message in flight.
+        self._unsent = memoryview(data)
+        self._unsent_size = n
+        self._push()
+
+    def _push(self) -> None:
+        """Queues as much of the message waiting for credit as credit allows."""
+        v = self._unsent
+        if v is None:
+            return
+        t = self.tunnel
         while True:
+            left = len(v)
             credit = self._send_credit
-            need = CHUNK_COST + (1 if off < n else 0)
-            if credit < need:
-                fut = self._send_waiter = t.loop.create_future()
-                try:
-                    await fut
-                finally:
-                    self._send_waiter = None
-                self.check_send()
-                continue
-            k = min(n - off, credit - CHUNK_COST, max_chunk)
+            if credit < CHUNK_COST + (1 if left else 0):
+                self._unsent = v
+                return
+            k = min(left, credit - CHUNK_COST, t.max_chunk)
             self._send_credit -= k + CHUNK_COST
-            w.enqueue(self, _wire.message(sid, n if off == 0 else 0, view[off : off + k]))
-            off += k
-            if off >= n:
+            t.writer.enqueue(self, _wire.message(self.id, self._unsent_size, v[:k]))
+            self._unsent_size = 0  # the size goes on the first chunk only
+            if k == left:
                 break
-        self.messages_sent += 1
+            v = v[k:]
+        self._unsent = None
+        self._wake_senders()
+
+    async def flush(self) -> None:
+        """Waits until the message waiting for credit has left in full."""
+        while self._unsent is not None:
+            self.check_send()
+            fut = self.tunnel.loop.create_future()
+            self._send_waiters.append(fut)
+            await fut
+        self.check_send()
