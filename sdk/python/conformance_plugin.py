@@ -99,16 +99,6 @@ class Conformance(cgrpc.ConformanceServiceServicer):
         self._records: dict[str, cpb.Observation] = {}
         self._recorded = asyncio.Condition()
 
-    async def _record(self, call: Call, keys: Sequence[str]) -> None:
-        call.obs.cancelled = call.context.cancelled()
-        keys = [k for k in keys if k]
-        if not keys:
-            return
-        for k in keys:
-            self._records[k] = call.obs
-        async with self._recorded:
-            self._recorded.notify_all()
-
     def _finally_record(self, call: Call, keys: Sequence[str]) -> None:
         # Runs while the task may be cancelled: record without awaiting.
         call.obs.cancelled = call.context.cancelled()

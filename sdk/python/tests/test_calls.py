@@ -4,6 +4,7 @@ deadlines, cancellation, and the context handlers see."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -460,3 +461,34 @@ async def test_server_interceptors(operator: Operator) -> None:
             "/conformance.v1.ConformanceService/Unary",
             "/conformance.v1.ConformanceService/GetObservation",
         ]
+
+
+class SlowSync(cgrpc.ConformanceServiceServicer):
+    """A plain def handler that polls is_active(), as sync servicers do."""
+
+    def __init__(self) -> None:
+        self.saw_inactive = threading.Event()
+        self.remaining: float | None = None
+
+    def Unary(self, request: cpb.UnaryRequest, context: grpc.ServicerContext) -> cpb.UnaryResponse:
+        if request.payload == b"quick":
+            return cpb.UnaryResponse(payload=b"quick")
+        self.remaining = context.time_remaining()
+        for _ in range(250):
+            if not context.is_active():
+                self.saw_inactive.set()
+                break
+            time.sleep(0.02)
+        return cpb.UnaryResponse()
+
+
+async def test_a_sync_handler_sees_its_call_end(operator: Operator) -> None:
+    svc = SlowSync()
+    async with serving(operator.target, servicer=svc):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await operator.stub().Unary(cpb.UnaryRequest(), timeout=0.4)
+        assert await asyncio.get_running_loop().run_in_executor(None, svc.saw_inactive.wait, 3)
+        assert svc.remaining is not None and 0 < svc.remaining <= 0.5
+        # The plugin serves on once the thread has returned.
+        r = await operator.stub().Unary(cpb.UnaryRequest(payload=b"quick"), timeout=10)
+        assert r.payload == b"quick"
