@@ -81,6 +81,7 @@ class Connector:
                 t.close(_status.new(_status.UNAVAILABLE, "plugin shutting down"))
             for task in list(self._slots.values()):
                 task.cancel()
+            await asyncio.sleep(0)  # the tunnels' end callbacks close their channels
             if self._bg:
                 await asyncio.gather(*self._bg, return_exceptions=True)
 
