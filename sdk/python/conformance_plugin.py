@@ -84,6 +84,16 @@ class Call:
         for key in sorted(grouped):
             self.obs.metadata.add(key=key, values=grouped[key])
         self._digest = hashlib.sha256()
+        # Response headers gather until the first response or the end of
+        # the call, as grpc-go's SetHeader does (conformance.proto, Action).
+        self.headers: list[tuple[str, str | bytes]] = []
+        self.headers_sent = False
+
+    async def flush_headers(self) -> None:
+        if not self.headers_sent:
+            self.headers_sent = True
+            if self.headers:
+                await self.context.send_initial_metadata(self.headers)
 
     def received(self, data: bytes) -> None:
         self.obs.request_count += 1
@@ -114,14 +124,9 @@ class Conformance(cgrpc.ConformanceServiceServicer):
         async with self._recorded:
             self._recorded.notify_all()
 
-    async def _before(
-        self,
-        context: grpc.aio.ServicerContext[Any, Any],
-        a: cpb.Action,
-        headers_allowed: bool = True,
-    ) -> None:
-        if a.headers and headers_allowed:
-            await context.send_initial_metadata(to_metadata(a.headers))
+    async def _before(self, call: Call, a: cpb.Action) -> None:
+        if a.headers and not call.headers_sent:
+            call.headers.extend(to_metadata(a.headers))
         if a.HasField("sleep"):
             # A cancel or the deadline cancels this task: the SDK (or grpc.aio)
             # ends the call with the context's status.
@@ -130,12 +135,11 @@ class Conformance(cgrpc.ConformanceServiceServicer):
             await asyncio.Event().wait()
 
     async def _after(
-        self,
-        context: grpc.aio.ServicerContext[Any, Any],
-        a: cpb.Action,
-        trailers: list[tuple[str, str | bytes]],
+        self, call: Call, a: cpb.Action, trailers: list[tuple[str, str | bytes]]
     ) -> None:
+        context = call.context
         if a.panic:
+            await call.flush_headers()
             raise RuntimeError("conformance: the action asked for a panic")
         if a.trailers:
             trailers.extend(to_metadata(a.trailers))
@@ -147,6 +151,7 @@ class Conformance(cgrpc.ConformanceServiceServicer):
             md = [*trailers]
             if a.fail.details:
                 md.append((_DETAILS_KEY, a.fail.SerializeToString()))
+            await call.flush_headers()
             await context.abort(code, a.fail.message, md)
 
     @staticmethod
@@ -186,7 +191,7 @@ class Conformance(cgrpc.ConformanceServiceServicer):
         call.received(request.payload)
         a = request.action
         try:
-            await self._before(context, a)
+            await self._before(call, a)
             sizes = self._sizes(a)
             if sizes is not None:
                 data = payload(sizes[0], a.seed, 0)
@@ -197,7 +202,8 @@ class Conformance(cgrpc.ConformanceServiceServicer):
             resp = cpb.UnaryResponse(payload=data)
             if a.observe:
                 resp.observation.CopyFrom(call.obs)
-            await self._after(context, a, [])
+            await self._after(call, a, [])
+            await call.flush_headers()
             return resp
         finally:
             self._finally_record(call, [a.record_key])
@@ -209,7 +215,7 @@ class Conformance(cgrpc.ConformanceServiceServicer):
         call.received(request.payload)
         a = request.action
         try:
-            await self._before(context, a)
+            await self._before(call, a)
             index = [0]
 
             def make(data: bytes, i: int, obs: cpb.Observation | None) -> cpb.ServerStreamResponse:
@@ -219,8 +225,10 @@ class Conformance(cgrpc.ConformanceServiceServicer):
                 return r
 
             async for r in self._send_all(context, call, a, request.payload, index, make):
+                await call.flush_headers()
                 yield r
-            await self._after(context, a, [])
+            await self._after(call, a, [])
+            await call.flush_headers()
         finally:
             self._finally_record(call, [a.record_key])
 
@@ -242,8 +250,8 @@ class Conformance(cgrpc.ConformanceServiceServicer):
                 if first is None:
                     first = a
                 keys.append(a.record_key)
-                await self._before(context, a)
-                await self._after(context, a, trailers)
+                await self._before(call, a)
+                await self._after(call, a, trailers)
             first = first or cpb.Action()
             sizes = self._sizes(first)
             if sizes is not None:
@@ -260,6 +268,7 @@ class Conformance(cgrpc.ConformanceServiceServicer):
             )
             if first.observe:
                 resp.observation.CopyFrom(call.obs)
+            await call.flush_headers()
             return resp
         finally:
             self._finally_record(call, keys)
@@ -285,10 +294,12 @@ class Conformance(cgrpc.ConformanceServiceServicer):
                 call.received(req.payload)
                 a = req.action
                 keys.append(a.record_key)
-                await self._before(context, a, headers_allowed=index[0] == 0)
+                await self._before(call, a)
                 async for r in self._send_all(context, call, a, req.payload, index, make):
+                    await call.flush_headers()
                     yield r
-                await self._after(context, a, trailers)
+                await self._after(call, a, trailers)
+            await call.flush_headers()
         finally:
             self._finally_record(call, keys)
 

@@ -174,7 +174,7 @@ class Writer:
                     return
         except asyncio.CancelledError:
             raise
-        except BaseException as e:  # the call ended under us
+        except Exception as e:  # the call ended under us
             log.debug("tunnel write failed: %r", e)
             if not self.flushed.done():
                 self.flushed.set_result(None)
