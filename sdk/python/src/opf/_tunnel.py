@@ -402,8 +402,8 @@ class Tunnel:
         self.peer_max_message = s.max_message_size or DEFAULT_MAX_MESSAGE_SIZE
         self.peer_max_batch = s.max_batch_size or DEFAULT_MAX_BATCH_SIZE
         self.max_chunk = min(MAX_CHUNK, self.peer_max_batch - CHUNK_COST)
-        if s.max_concurrent_streams == 0:
-            pass  # the operator serves no calls in version 2: its limit is moot
+        # The operator's max_concurrent_streams is moot: a plugin opens no
+        # streams in version 2.
         peer_pref = 0.0
         if s.HasField("heartbeat_interval"):
             peer_pref = s.heartbeat_interval.seconds + s.heartbeat_interval.nanos / 1e9
