@@ -78,10 +78,16 @@ async def test_resolution_is_deduplicated_and_sorted() -> None:
         "ipv4:127.0.0.1:5",
         "ipv4:127.0.0.2:5",
     ]
-    got = await _target.resolve(_target.parse("localhost:5"))
+    got = await _target.resolve(_target.parse("localhost:5"))  # /etc/hosts, no DNS
     assert got and all(a.loopback for a in got)
+
+    async def lookup(host: str) -> list[str]:
+        return {"two.test": ["10.0.0.2", "10.0.0.1", "10.0.0.2"], "none.test": []}[host]
+
+    got = await _target.resolve(_target.parse("two.test:5"), lookup)
+    assert [a.grpc_target for a in got] == ["ipv4:10.0.0.1:5", "ipv4:10.0.0.2:5"]
     with pytest.raises(OSError):
-        await _target.resolve(_target.parse("no-such-host.invalid:5"))
+        await _target.resolve(_target.parse("none.test:5"), lookup)
 
 
 # --- frames -------------------------------------------------------------
