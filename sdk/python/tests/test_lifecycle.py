@@ -17,6 +17,8 @@ import pytest
 
 import opf
 from conformance.v1 import conformance_pb2 as cpb
+from conformance.v1 import conformance_pb2_grpc as cgrpc
+from conformance_plugin import Conformance
 from harness import SDK, Operator, free_port, serving, start_plugin_process
 
 pytestmark = pytest.mark.timeout(40)
@@ -348,3 +350,23 @@ async def test_serve_forever_for_programs_without_asyncio(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_refused_registration_reaches_the_user(
+    operator: Operator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator's RegisterReject status comes back as RegistrationRejected
+    (and a warning). The SDK refuses such a name itself, so the test changes
+    it behind the checks to make the real server refuse it."""
+    plugin = opf.Plugin("conformance", target=operator.target, backoff=opf.Backoff(base=0.05))
+    cgrpc.add_ConformanceServiceServicer_to_server(Conformance(), plugin)  # type: ignore[no-untyped-call]
+    plugin.name = "n" * 254  # longer than the operator accepts (spec 4.4)
+    async with plugin:
+        with pytest.raises(opf.NotRegisteredError) as exc:
+            await plugin.wait_registered(1.5)
+    err = exc.value.last_error
+    assert isinstance(err, opf.RegistrationRejected)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "plugin name is longer than 253" in err.details
+    assert "registration refused" in caplog.text
+    assert operator.instances() == set()
