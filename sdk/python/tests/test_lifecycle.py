@@ -360,7 +360,7 @@ async def test_a_refused_registration_reaches_the_user(
     it behind the checks to make the real server refuse it."""
     plugin = opf.Plugin("conformance", target=operator.target, backoff=opf.Backoff(base=0.05))
     cgrpc.add_ConformanceServiceServicer_to_server(Conformance(), plugin)  # type: ignore[no-untyped-call]
-    plugin.name = "n" * 254  # longer than the operator accepts (spec 4.4)
+    plugin._name = "n" * 254  # longer than the operator accepts (spec 4.4)
     async with plugin:
         with pytest.raises(opf.NotRegisteredError) as exc:
             await plugin.wait_registered(1.5)

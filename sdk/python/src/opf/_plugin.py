@@ -186,8 +186,8 @@ class Plugin:
                 tls.read_ca()
             except (OSError, ValueError) as e:
                 raise ConfigurationError(f"TLS: {e}") from None
-        self.name = name
-        self.version = version
+        self._name = name
+        self._version = version
         self._labels = labels
         self._handlers = Handlers()
         self._handlers.interceptors = list(interceptors)
@@ -258,6 +258,16 @@ class Plugin:
         if name not in self._handlers.services and len(self._handlers.services) >= MAX_SERVICES:
             raise ConfigurationError(f"more than {MAX_SERVICES} services")
         self._handlers.add_service_name(name)
+
+    @property
+    def name(self) -> str:
+        """The name the plugin registers under."""
+        return self._name
+
+    @property
+    def version(self) -> str:
+        """The version it registers."""
+        return self._version
 
     @property
     def services(self) -> list[str]:
