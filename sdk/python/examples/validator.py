@@ -174,19 +174,18 @@ def _stop_when_stdin_closes(plugin: opf.Plugin, loop: asyncio.AbstractEventLoop)
     threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
+async def serve(target: str, name: str = "validator-python") -> None:
+    plugin = opf.Plugin(name, version="v1.0.0", target=target, labels={"language": "python"})
+    demo_pb2_grpc.add_ValidatorServiceServicer_to_server(Validator(), plugin)  # generated code
+    _stop_when_stdin_closes(plugin, asyncio.get_running_loop())
+    await plugin.serve()  # connects, registers, reconnects; drains on SIGTERM
+
+
 async def main() -> None:
     target = os.environ.get("OPF_DEMO_TARGET", "")
     if not target:
         raise SystemExit("OPF_DEMO_TARGET must name the operator, e.g. unix:///tmp/demo/op.sock")
-    plugin = opf.Plugin(
-        os.environ.get("OPF_DEMO_PLUGIN_NAME", "validator-python"),
-        version="v1.0.0",
-        target=target,
-        labels={"language": "python"},
-    )
-    demo_pb2_grpc.add_ValidatorServiceServicer_to_server(Validator(), plugin)  # type: ignore[no-untyped-call]
-    _stop_when_stdin_closes(plugin, asyncio.get_running_loop())
-    await plugin.serve()  # connects, registers, reconnects; drains on SIGTERM
+    await serve(target, os.environ.get("OPF_DEMO_PLUGIN_NAME", "validator-python"))
 
 
 if __name__ == "__main__":

@@ -97,7 +97,12 @@ async def test_the_demo_plugin_program(testoperator: str, workdir: Path) -> None
                 stdout=log,
                 stderr=log,
             )
-            await op.registered(1)
+            try:
+                await op.registered(1)
+            except AssertionError:
+                log.close()
+                print((workdir / f"validator-{stop}.log").read_text(errors="replace"))
+                raise
             ev = [e for e in op.events if e["event"] == "registered"][-1]
             assert ev["plugin"] == "validator-python"
             assert ev["services"] == ["demo.v1.ValidatorService"]
