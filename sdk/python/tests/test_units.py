@@ -111,7 +111,7 @@ def test_frames_decode_as_the_schema_says() -> None:
         _wire.close(9, None),
         _wire.close(11, st, [("x-t-bin", [b"\x00\xff"]), ("x-t", [b"a", b"b"])]),
         _wire.headers(13, [("x-h", [b"v"])]),
-        _wire.go_away(status_pb2.Status(code=14, message="bye")),
+        _wire.go_away(status_pb2.Status(code=14, message="bye"), 0),
         _wire.cancel(2, status_pb2.Status(code=13)),
     )
     kinds = [(f.stream_id, f.WhichOneof("kind")) for f in frames]
@@ -132,6 +132,8 @@ def test_frames_decode_as_the_schema_says() -> None:
     ]
     assert frames[8].headers.metadata[0].key == "x-h"
     assert frames[9].go_away.reason.message == "bye"
+    assert frames[9].go_away.HasField("last_stream_id")  # set even when 0 (12.1)
+    assert decode(_wire.go_away(status_pb2.Status(), 7))[0].go_away.last_stream_id == 7
 
 
 def test_large_message_frames_keep_their_data_apart() -> None:

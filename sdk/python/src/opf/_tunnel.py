@@ -177,7 +177,7 @@ class Tunnel:
         self.failure = st
         self.goaway_sent = True
         log.warning("tunnel %s: protocol error: %s", self.describe(), _status.describe(st))
-        self.control(_wire.go_away(st))
+        self.control(_wire.go_away(st, self.max_peer_id))
         self.writer.flush()
         self.loop.call_later(CLOSE_WAIT, self.close, st)
         self._fail_attempt(st)
@@ -238,7 +238,11 @@ class Tunnel:
             return
         if not self.goaway_sent:
             self.goaway_sent = True
-            self.control(_wire.go_away(_status.new(_status.UNAVAILABLE, "plugin shutting down")))
+            self.control(
+                _wire.go_away(
+                    _status.new(_status.UNAVAILABLE, "plugin shutting down"), self.max_peer_id
+                )
+            )
         deadline = self.loop.time() + timeout
         try:
             while self.streams and self.closed is None:
@@ -421,7 +425,7 @@ class Tunnel:
             st = _status.new(_status.UNAVAILABLE, f"duplicate tunnel to replica {duplicate}")
             self.goaway_sent = True
             self.failure = st
-            self.control(_wire.go_away(st))
+            self.control(_wire.go_away(st, self.max_peer_id))
             self.writer.flush()
             self._fail_attempt(st)
             self.loop.call_later(CLOSE_WAIT, self.close, st)

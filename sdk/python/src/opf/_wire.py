@@ -85,8 +85,11 @@ def pong(nonce: int) -> bytes:
     return _frame(0, _PONG, b"\x08" + varint(nonce) if nonce else b"")
 
 
-def go_away(status: status_pb2.Status) -> bytes:
-    return _frame(0, _GO_AWAY, _field(b"\x0a", status.SerializeToString()))
+def go_away(status: status_pb2.Status, last_stream_id: int) -> bytes:
+    """GoAway{reason, last_stream_id}: the highest stream id the operator
+    opened that this side received (12.1), sent even when 0."""
+    payload = _field(b"\x0a", status.SerializeToString()) + b"\x10" + varint(last_stream_id)
+    return _frame(0, _GO_AWAY, payload)
 
 
 def window_update(stream_id: int, increment: int) -> bytes:

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpluginframework/v1/tunnel.proto\x12\x12pluginframework.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\";\n\x0e\x43onnectRequest\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.pluginframework.v1.Frame\"<\n\x0f\x43onnectResponse\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.pluginframework.v1.Frame\"\xf3\x05\n\x05\x46rame\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12*\n\x05hello\x18\x02 \x01(\x0b\x32\x19.pluginframework.v1.HelloH\x00\x12\x30\n\x08register\x18\x03 \x01(\x0b\x32\x1c.pluginframework.v1.RegisterH\x00\x12\x37\n\x0cregister_ack\x18\x04 \x01(\x0b\x32\x1f.pluginframework.v1.RegisterAckH\x00\x12=\n\x0fregister_reject\x18\x05 \x01(\x0b\x32\".pluginframework.v1.RegisterRejectH\x00\x12(\n\x04ping\x18\x06 \x01(\x0b\x32\x18.pluginframework.v1.PingH\x00\x12(\n\x04pong\x18\x07 \x01(\x0b\x32\x18.pluginframework.v1.PongH\x00\x12-\n\x07go_away\x18\x08 \x01(\x0b\x32\x1a.pluginframework.v1.GoAwayH\x00\x12.\n\x04open\x18\n \x01(\x0b\x32\x1e.pluginframework.v1.StreamOpenH\x00\x12\x34\n\x07headers\x18\x0b \x01(\x0b\x32!.pluginframework.v1.StreamHeadersH\x00\x12\x34\n\x07message\x18\x0c \x01(\x0b\x32!.pluginframework.v1.StreamMessageH\x00\x12\x39\n\nhalf_close\x18\r \x01(\x0b\x32#.pluginframework.v1.StreamHalfCloseH\x00\x12\x32\n\x06\x63\x61ncel\x18\x0e \x01(\x0b\x32 .pluginframework.v1.StreamCancelH\x00\x12\x30\n\x05\x63lose\x18\x0f \x01(\x0b\x32\x1f.pluginframework.v1.StreamCloseH\x00\x12\x39\n\rwindow_update\x18\x10 \x01(\x0b\x32 .pluginframework.v1.WindowUpdateH\x00\x42\x06\n\x04kind\"\x8c\x01\n\x05Hello\x12\x13\n\x0bmin_version\x18\x01 \x01(\r\x12\x13\n\x0bmax_version\x18\x02 \x01(\r\x12.\n\x08settings\x18\x03 \x01(\x0b\x32\x1c.pluginframework.v1.Settings\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x15\n\rreplica_count\x18\x05 \x01(\r\"\xb0\x01\n\x08Settings\x12\x18\n\x10max_message_size\x18\x01 \x01(\r\x12\x1b\n\x13initial_window_size\x18\x02 \x01(\r\x12\x1e\n\x16max_concurrent_streams\x18\x03 \x01(\r\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\"\xa4\x01\n\x08Register\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08services\x18\x03 \x03(\t\x12\x38\n\x06labels\x18\x04 \x03(\x0b\x32(.pluginframework.v1.Register.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x0bRegisterAck\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"4\n\x0eRegisterReject\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\",\n\x06GoAway\x12\"\n\x06reason\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\"}\n\nStreamOpen\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x33\n\x08metadata\x18\x02 \x03(\x0b\x32!.pluginframework.v1.MetadataEntry\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\",\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x0c\"D\n\rStreamHeaders\x12\x33\n\x08metadata\x18\x01 \x03(\x0b\x32!.pluginframework.v1.MetadataEntry\"+\n\rStreamMessage\x12\x0c\n\x04size\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x11\n\x0fStreamHalfClose\"2\n\x0cStreamCancel\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\"f\n\x0bStreamClose\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x33\n\x08trailers\x18\x02 \x03(\x0b\x32!.pluginframework.v1.MetadataEntry\"!\n\x0cWindowUpdate\x12\x11\n\tincrement\x18\x01 \x01(\r2p\n\x16PluginFrameworkService\x12V\n\x07\x43onnect\x12\".pluginframework.v1.ConnectRequest\x1a#.pluginframework.v1.ConnectResponse(\x01\x30\x01\x42ZZXgithub.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1;pluginframeworkv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpluginframework/v1/tunnel.proto\x12\x12pluginframework.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\";\n\x0e\x43onnectRequest\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.pluginframework.v1.Frame\"<\n\x0f\x43onnectResponse\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.pluginframework.v1.Frame\"\xf3\x05\n\x05\x46rame\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12*\n\x05hello\x18\x02 \x01(\x0b\x32\x19.pluginframework.v1.HelloH\x00\x12\x30\n\x08register\x18\x03 \x01(\x0b\x32\x1c.pluginframework.v1.RegisterH\x00\x12\x37\n\x0cregister_ack\x18\x04 \x01(\x0b\x32\x1f.pluginframework.v1.RegisterAckH\x00\x12=\n\x0fregister_reject\x18\x05 \x01(\x0b\x32\".pluginframework.v1.RegisterRejectH\x00\x12(\n\x04ping\x18\x06 \x01(\x0b\x32\x18.pluginframework.v1.PingH\x00\x12(\n\x04pong\x18\x07 \x01(\x0b\x32\x18.pluginframework.v1.PongH\x00\x12-\n\x07go_away\x18\x08 \x01(\x0b\x32\x1a.pluginframework.v1.GoAwayH\x00\x12.\n\x04open\x18\n \x01(\x0b\x32\x1e.pluginframework.v1.StreamOpenH\x00\x12\x34\n\x07headers\x18\x0b \x01(\x0b\x32!.pluginframework.v1.StreamHeadersH\x00\x12\x34\n\x07message\x18\x0c \x01(\x0b\x32!.pluginframework.v1.StreamMessageH\x00\x12\x39\n\nhalf_close\x18\r \x01(\x0b\x32#.pluginframework.v1.StreamHalfCloseH\x00\x12\x32\n\x06\x63\x61ncel\x18\x0e \x01(\x0b\x32 .pluginframework.v1.StreamCancelH\x00\x12\x30\n\x05\x63lose\x18\x0f \x01(\x0b\x32\x1f.pluginframework.v1.StreamCloseH\x00\x12\x39\n\rwindow_update\x18\x10 \x01(\x0b\x32 .pluginframework.v1.WindowUpdateH\x00\x42\x06\n\x04kind\"\x8c\x01\n\x05Hello\x12\x13\n\x0bmin_version\x18\x01 \x01(\r\x12\x13\n\x0bmax_version\x18\x02 \x01(\r\x12.\n\x08settings\x18\x03 \x01(\x0b\x32\x1c.pluginframework.v1.Settings\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x15\n\rreplica_count\x18\x05 \x01(\r\"\xb0\x01\n\x08Settings\x12\x18\n\x10max_message_size\x18\x01 \x01(\r\x12\x1b\n\x13initial_window_size\x18\x02 \x01(\r\x12\x1e\n\x16max_concurrent_streams\x18\x03 \x01(\r\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\"\xa4\x01\n\x08Register\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08services\x18\x03 \x03(\t\x12\x38\n\x06labels\x18\x04 \x03(\x0b\x32(.pluginframework.v1.Register.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x0bRegisterAck\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"4\n\x0eRegisterReject\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\\\n\x06GoAway\x12\"\n\x06reason\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x1b\n\x0elast_stream_id\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_last_stream_id\"}\n\nStreamOpen\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x33\n\x08metadata\x18\x02 \x03(\x0b\x32!.pluginframework.v1.MetadataEntry\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\",\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x0c\"D\n\rStreamHeaders\x12\x33\n\x08metadata\x18\x01 \x03(\x0b\x32!.pluginframework.v1.MetadataEntry\"+\n\rStreamMessage\x12\x0c\n\x04size\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x11\n\x0fStreamHalfClose\"2\n\x0cStreamCancel\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\"f\n\x0bStreamClose\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x33\n\x08trailers\x18\x02 \x03(\x0b\x32!.pluginframework.v1.MetadataEntry\"!\n\x0cWindowUpdate\x12\x11\n\tincrement\x18\x01 \x01(\r2p\n\x16PluginFrameworkService\x12V\n\x07\x43onnect\x12\".pluginframework.v1.ConnectRequest\x1a#.pluginframework.v1.ConnectResponse(\x01\x30\x01\x42ZZXgithub.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1;pluginframeworkv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,23 +59,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PONG']._serialized_start=1595
   _globals['_PONG']._serialized_end=1616
   _globals['_GOAWAY']._serialized_start=1618
-  _globals['_GOAWAY']._serialized_end=1662
-  _globals['_STREAMOPEN']._serialized_start=1664
-  _globals['_STREAMOPEN']._serialized_end=1789
-  _globals['_METADATAENTRY']._serialized_start=1791
-  _globals['_METADATAENTRY']._serialized_end=1835
-  _globals['_STREAMHEADERS']._serialized_start=1837
-  _globals['_STREAMHEADERS']._serialized_end=1905
-  _globals['_STREAMMESSAGE']._serialized_start=1907
-  _globals['_STREAMMESSAGE']._serialized_end=1950
-  _globals['_STREAMHALFCLOSE']._serialized_start=1952
-  _globals['_STREAMHALFCLOSE']._serialized_end=1969
-  _globals['_STREAMCANCEL']._serialized_start=1971
-  _globals['_STREAMCANCEL']._serialized_end=2021
-  _globals['_STREAMCLOSE']._serialized_start=2023
-  _globals['_STREAMCLOSE']._serialized_end=2125
-  _globals['_WINDOWUPDATE']._serialized_start=2127
-  _globals['_WINDOWUPDATE']._serialized_end=2160
-  _globals['_PLUGINFRAMEWORKSERVICE']._serialized_start=2162
-  _globals['_PLUGINFRAMEWORKSERVICE']._serialized_end=2274
+  _globals['_GOAWAY']._serialized_end=1710
+  _globals['_STREAMOPEN']._serialized_start=1712
+  _globals['_STREAMOPEN']._serialized_end=1837
+  _globals['_METADATAENTRY']._serialized_start=1839
+  _globals['_METADATAENTRY']._serialized_end=1883
+  _globals['_STREAMHEADERS']._serialized_start=1885
+  _globals['_STREAMHEADERS']._serialized_end=1953
+  _globals['_STREAMMESSAGE']._serialized_start=1955
+  _globals['_STREAMMESSAGE']._serialized_end=1998
+  _globals['_STREAMHALFCLOSE']._serialized_start=2000
+  _globals['_STREAMHALFCLOSE']._serialized_end=2017
+  _globals['_STREAMCANCEL']._serialized_start=2019
+  _globals['_STREAMCANCEL']._serialized_end=2069
+  _globals['_STREAMCLOSE']._serialized_start=2071
+  _globals['_STREAMCLOSE']._serialized_end=2173
+  _globals['_WINDOWUPDATE']._serialized_start=2175
+  _globals['_WINDOWUPDATE']._serialized_end=2208
+  _globals['_PLUGINFRAMEWORKSERVICE']._serialized_start=2210
+  _globals['_PLUGINFRAMEWORKSERVICE']._serialized_end=2322
 # @@protoc_insertion_point(module_scope)

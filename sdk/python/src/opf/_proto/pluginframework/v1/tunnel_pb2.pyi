@@ -128,10 +128,12 @@ class Pong(_message.Message):
     def __init__(self, nonce: _Optional[int] = ...) -> None: ...
 
 class GoAway(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "last_stream_id")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     reason: _status_pb2.Status
-    def __init__(self, reason: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    last_stream_id: int
+    def __init__(self, reason: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., last_stream_id: _Optional[int] = ...) -> None: ...
 
 class StreamOpen(_message.Message):
     __slots__ = ("method", "metadata", "timeout")
