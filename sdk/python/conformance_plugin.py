@@ -10,18 +10,31 @@ The SDK is imported from the tree (src/), not installed.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
-import logging
-import os
 import signal
-import struct
-import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from pathlib import Path
-from typing import Any
+
+# A SIGTERM that comes while the imports below run (seconds on a loaded
+# machine) must still end the program with status 0: remember it.
+_stop_before_serving = False
+
+
+def _early_sigterm(signum: int, frame: object) -> None:
+    global _stop_before_serving
+    _stop_before_serving = True
+
+
+signal.signal(signal.SIGTERM, _early_sigterm)
+
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import hashlib  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import struct  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "src"))
@@ -84,6 +97,7 @@ class Call:
         for key in sorted(grouped):
             self.obs.metadata.add(key=key, values=grouped[key])
         self._digest = hashlib.sha256()
+        self.obs.request_digest = self._digest.digest()  # of no request yet
         # Response headers gather until the first response or the end of
         # the call, as grpc-go's SetHeader does (conformance.proto, Action).
         self.headers: list[tuple[str, str | bytes]] = []
@@ -344,6 +358,8 @@ async def serve_direct(address: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if _stop_before_serving:
+        stop.set()
     await stop.wait()
     await server.stop(grace=2)
 
@@ -368,6 +384,8 @@ async def serve_tunnel() -> None:
         name, os.environ.get("OPF_CONFORMANCE_PLUGIN_VERSION", ""), target=target, **options
     )
     cgrpc.add_ConformanceServiceServicer_to_server(Conformance(), plugin)  # type: ignore[no-untyped-call]
+    if _stop_before_serving:
+        plugin.stop_nowait()  # serve() then registers nothing and returns
     await plugin.serve()
 
 
@@ -377,11 +395,12 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # The runner may signal again while the plugin exits after its drain:
-    # from here on a SIGTERM outside the serving loop changes nothing.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     direct = os.environ.get("OPF_CONFORMANCE_DIRECT_LISTEN")
     asyncio.run(serve_direct(direct) if direct else serve_tunnel())
+    # The runner signals again while the program exits after its drain. The
+    # interpreter's shutdown resets Python signal handlers to the default
+    # (death by SIGTERM), but keeps SIG_IGN.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
