@@ -531,6 +531,7 @@ class Tunnel:
         while self.closed is None:
             await asyncio.sleep(max(min(next_ping, next_check) - loop.time(), 0))
             now = loop.time()
+            late = now - next_check > check  # this process was not running
             if now >= next_ping:
                 nonce += 1
                 self.control(_wire.ping(nonce))
@@ -540,6 +541,11 @@ class Tunnel:
             if now >= next_check:
                 next_check = now + check
                 silent = now - self.last_recv
+                # After a stall of this process, batches that arrived meanwhile
+                # may still wait to be read: look again one check later, as
+                # long as that stays within the 2-interval bound (11).
+                if late and silent + check < 2 * interval:
+                    continue
                 if silent > timeout:
                     self.close(
                         _status.new(
