@@ -71,8 +71,9 @@ class ConformanceServiceServicer:
     """
 
     def Unary(self, request, context):
-        """Unary answers one UnaryResponse whose payload echoes the request's (or
-        holds action.response_size pattern bytes).
+        """Unary answers one UnaryResponse whose payload echoes the request's, or
+        holds generated payload bytes (see Action) when the action sets
+        response_size or response_sizes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
