@@ -58,9 +58,8 @@ def is_async(fn: Any) -> bool:
 
 
 def _panic(e: BaseException) -> status_pb2.Status:
-    # spec 10.2: an exception is INTERNAL "handler panicked: <value>".
-    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-    return _status.new(_status.INTERNAL, f"handler panicked: {text}")
+    # spec 10.2: as a grpc.aio server answers a servicer's uncaught exception.
+    return _status.new(_status.UNKNOWN, f"Unexpected {type(e)}: {e}")
 
 
 _END = object()
