@@ -219,7 +219,7 @@ func rawConnect(t testing.TB, target string, creds credentials.TransportCredenti
 		return rawResult{final: status.Convert(err)}
 	}
 	err = stream.Send(&pb.ConnectRequest{Frames: []*pb.Frame{
-		{Kind: &pb.Frame_Hello{Hello: &pb.Hello{MinVersion: 1, MaxVersion: 1, Settings: &pb.Settings{}}}},
+		{Kind: &pb.Frame_Hello{Hello: &pb.Hello{MinVersion: 2, MaxVersion: 2, Settings: &pb.Settings{}}}},
 		{Kind: &pb.Frame_Register{Register: &pb.Register{Name: name, Version: "v1", Services: []string{"grpc.testing.TestService"}}}},
 	}})
 	if errors.Is(err, io.EOF) {
