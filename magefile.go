@@ -145,6 +145,19 @@ func Test(ctx context.Context) error {
 	return E2E(ctx)
 }
 
+// Stress runs the byte-checking stress test (TestStress: all four RPC
+// kinds, random sizes and content, up to 200 callers, every byte checked,
+// direct gRPC as the control) under the race detector for
+// $STRESS_DURATION (default 2m), and the interop cases many times.
+func Stress() error {
+	d := os.Getenv("STRESS_DURATION")
+	if d == "" {
+		d = "2m"
+	}
+	return runIn("go", nil, "go", "test", "-race", "-count=1", "-timeout=60m", "-v",
+		"-run", "^(TestStress|TestInteropConcurrent)$", "./internal/integration/", "-args", "-stress.duration="+d)
+}
+
 // Bench compares calls through the tunnel with direct gRPC calls on this
 // machine, in the same run, and prints the ratios. The rounds alternate
 // direct and tunnelled runs of each benchmark, so that drift in the

@@ -15,6 +15,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
+
+	"github.com/guilhem/operator-plugin-framework/go/internal/target"
 )
 
 // ServiceAccountTokenPath is where Kubernetes mounts a pod's ServiceAccount
@@ -98,7 +100,7 @@ func WithTLS(caFile, serverName string) Option {
 }
 
 // apply sets c's transport and per-RPC credentials from the options above.
-func (s securityConfig) apply(c *config, target string) error {
+func (s securityConfig) apply(c *config, tg target.Target) error {
 	if s.tls != nil {
 		if c.transportCreds != nil {
 			return errors.New("WithTLS and WithTransportCredentials cannot be used together")
@@ -115,47 +117,16 @@ func (s securityConfig) apply(c *config, target string) error {
 		return errors.New("a token option and WithPerRPCCredentials cannot be used together")
 	}
 	secure := c.transportCreds != nil && c.transportCreds.Info().SecurityProtocol != "insecure"
-	local := s.plaintextToken && localTarget(target)
+	local := s.plaintextToken && tg.Local()
 	switch {
 	case secure || local:
 	case s.plaintextToken:
-		return fmt.Errorf("refusing to send a token over plaintext to %q: WithPlaintextToken allows only a unix socket or a loopback address", target)
+		return fmt.Errorf("refusing to send a token over plaintext to %q: WithPlaintextToken allows only a unix socket or a loopback address", tg)
 	default:
 		return errors.New("refusing to send a token without TLS: use WithTLS or WithTransportCredentials, or WithPlaintextToken for a unix socket or loopback target")
 	}
 	c.perRPCCreds = &tokenCredentials{source: s.token, requireSecurity: !local}
 	return nil
-}
-
-// localTarget reports whether target is a unix socket or a loopback
-// address, in any of the forms New accepts.
-func localTarget(target string) bool {
-	if strings.HasPrefix(target, "unix:") || strings.HasPrefix(target, "unix-abstract:") {
-		return true
-	}
-	hostport := target
-	switch {
-	case strings.HasPrefix(target, "tcp://"):
-		hostport = strings.TrimPrefix(target, "tcp://")
-	case strings.HasPrefix(target, "dns:"), strings.HasPrefix(target, "passthrough:"):
-		// scheme:///host:port or scheme://authority/host:port
-		_, rest, _ := strings.Cut(target, ":")
-		if after, ok := strings.CutPrefix(rest, "//"); ok {
-			_, rest, _ = strings.Cut(after, "/")
-		}
-		hostport = rest
-	case strings.Contains(target, "://"):
-		return false
-	}
-	host, _, err := net.SplitHostPort(hostport)
-	if err != nil {
-		host = strings.Trim(hostport, "[]")
-	}
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }
 
 // tokenCredentials attaches the bearer token to each tunnel's stream.

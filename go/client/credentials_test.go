@@ -26,35 +26,6 @@ type empty struct {
 	testgrpc.UnimplementedTestServiceServer
 }
 
-func TestLocalTarget(t *testing.T) {
-	for target, want := range map[string]bool{
-		"unix:///tmp/s.sock":           true,
-		"unix:s.sock":                  true,
-		"unix-abstract:name":           true,
-		"127.0.0.1:8443":               true,
-		"127.1.2.3:8443":               true,
-		"localhost:8443":               true,
-		"LOCALHOST:8443":               true,
-		"[::1]:8443":                   true,
-		"tcp://127.0.0.1:8443":         true,
-		"dns:///localhost:8443":        true,
-		"dns:///127.0.0.1:8443":        true,
-		"dns://8.8.8.8/127.0.0.1:8443": true,
-		"passthrough:///[::1]:1":       true,
-		"10.0.0.1:8443":                false,
-		"operator.ns.svc:8443":         false,
-		"dns:///operator.ns.svc:8443":  false,
-		"tcp://10.0.0.1:8443":          false,
-		"localhost.example.com:1":      false,
-		"ipv4:127.0.0.1:1":             false, // not a form New documents
-		"xds:///localhost:1":           false,
-	} {
-		if got := localTarget(target); got != want {
-			t.Errorf("localTarget(%q) = %v, want %v", target, got, want)
-		}
-	}
-}
-
 func newClient(ctx context.Context, target string, opts ...Option) (*Client, error) {
 	return New(ctx, "p", target, "v1", &testgrpc.TestService_ServiceDesc, empty{}, opts...)
 }

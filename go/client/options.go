@@ -1,6 +1,8 @@
 package client
 
 import (
+	"context"
+	"log/slog"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -8,6 +10,7 @@ import (
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 
+	"github.com/guilhem/operator-plugin-framework/go/internal/target"
 	"github.com/guilhem/operator-plugin-framework/go/internal/tunnel"
 )
 
@@ -27,6 +30,8 @@ type service struct {
 
 type config struct {
 	services         []service
+	lookup           target.LookupHost
+	resolveInterval  time.Duration
 	unary            []grpc.UnaryServerInterceptor
 	stream           []grpc.StreamServerInterceptor
 	labels           map[string]string
@@ -51,7 +56,8 @@ func defaultConfig() config {
 		},
 		drainTimeout:     10 * time.Second,
 		handshakeTimeout: 10 * time.Second,
-		logger:           logr.Discard(),
+		resolveInterval:  30 * time.Second,
+		logger:           logr.FromSlogHandler(slog.Default().Handler()),
 	}
 }
 
@@ -138,7 +144,28 @@ func WithHandshakeTimeout(d time.Duration) Option {
 	return optionFunc(func(c *config) { c.handshakeTimeout = d })
 }
 
-// WithLogger sets the logger. Default: discard.
+// WithLogger sets the logger. Default: the standard library's default
+// slog logger (log/slog), so that a wrong target or a refused registration
+// shows on standard error with no setup; a plugin running a
+// controller-runtime manager passes ctrl.Log.
 func WithLogger(l logr.Logger) Option {
 	return optionFunc(func(c *config) { c.logger = l })
+}
+
+// LookupHost resolves a host name to IP addresses, as
+// net.Resolver.LookupHost does.
+type LookupHost func(ctx context.Context, host string) ([]string, error)
+
+// WithLookupHost resolves the host of a DNS target with lookup instead of
+// the system's resolver (net.DefaultResolver), for tests and custom
+// discovery.
+func WithLookupHost(lookup LookupHost) Option {
+	return optionFunc(func(c *config) { c.lookup = target.LookupHost(lookup) })
+}
+
+// WithResolveInterval sets how often the target is resolved again, to find
+// operator replicas that appeared or left (it is also resolved whenever a
+// tunnel is lost). Default 30 s.
+func WithResolveInterval(d time.Duration) Option {
+	return optionFunc(func(c *config) { c.resolveInterval = d })
 }

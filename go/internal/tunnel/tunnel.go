@@ -209,6 +209,11 @@ func (t *Tunnel) Close(st *status.Status) { t.close(st) }
 func (t *Tunnel) close(st *status.Status) {
 	t.closeOnce.Do(func() {
 		t.mu.Lock()
+		if t.failure != nil {
+			// This side decided to end the tunnel: that is why it closed,
+			// even if the transport ended first.
+			st = t.failure
+		}
 		t.err = st
 		streams := make([]*stream, 0, len(t.streams))
 		for _, s := range t.streams {
