@@ -106,7 +106,7 @@ func served(t *testing.T, addr string) string {
 func TestTLSCertificateReload(t *testing.T) {
 	p := newPKI(t)
 	p.issue(t, newCA(t, "ca-1"))
-	srv, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile))
+	srv, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile), server.WithInsecureNoAuthentication())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +151,7 @@ func TestTLSCertificateReload(t *testing.T) {
 
 func TestWithTLSRefusesBadFiles(t *testing.T) {
 	p := newPKI(t)
-	if _, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile)); err == nil {
+	if _, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile), server.WithInsecureNoAuthentication()); err == nil {
 		t.Fatal("New accepted missing certificate files")
 	}
 	if err := os.WriteFile(p.certFile, []byte("junk"), 0o600); err != nil {
@@ -160,7 +160,7 @@ func TestWithTLSRefusesBadFiles(t *testing.T) {
 	if err := os.WriteFile(p.keyFile, []byte("junk"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile)); err == nil {
+	if _, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile), server.WithInsecureNoAuthentication()); err == nil {
 		t.Fatal("New accepted junk certificate files")
 	}
 }
@@ -210,7 +210,7 @@ func callWhileReconnecting(t *testing.T, srv *server.Server, d time.Duration) (c
 }
 
 func TestMaxTunnelAge(t *testing.T) {
-	srv, err := server.New("127.0.0.1:0", server.WithMaxTunnelAge(400*time.Millisecond))
+	srv, err := server.New("127.0.0.1:0", server.WithMaxTunnelAge(400*time.Millisecond), server.WithInsecureNoAuthentication())
 	if err != nil {
 		t.Fatal(err)
 	}

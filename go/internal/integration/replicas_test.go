@@ -51,7 +51,7 @@ func freePort(t *testing.T) int {
 // start runs a replica on ip and adds it to the name's addresses.
 func (rs *replicaSet) start(ip string, opts ...server.Option) *operator {
 	addr := net.JoinHostPort(ip, fmt.Sprint(rs.port))
-	op := startOperatorOn(rs.t, addr, append([]server.Option{server.WithReplica("replica-"+ip, 0)}, opts...)...)
+	op := startOperatorOn(rs.t, addr, append([]server.Option{server.WithReplica("replica-"+ip, 0), server.WithInsecureNoAuthentication()}, opts...)...)
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
 	rs.ips = append(rs.ips, ip)
