@@ -238,4 +238,3 @@ func TestLocalProxy(t *testing.T) {
 		})
 	}
 }
-

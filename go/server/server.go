@@ -404,7 +404,7 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 	tk.leave() // registered: no longer counts against the admission limits
 	remove := s.reg.Add(inst, t)
 	lg.Info("plugin registered", "instance", inst.ID, "services", inst.Services)
-	stopLifetime := s.limitLifetime(t, id, cause, lg)             // security.go
+	stopLifetime := s.limitLifetime(t, id, cause, lg)            // security.go
 	stopRevalidation := s.revalidate(ctx, t, id, reg, cause, lg) // security.go
 	<-t.Done()
 	stopRevalidation()
