@@ -3,12 +3,15 @@ package auth
 import (
 	"context"
 	"crypto/sha256"
+	"net"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/singleflight"
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
@@ -31,6 +34,12 @@ type ReviewLimits struct {
 	// Rate disables the limit.
 	Rate  float64
 	Burst int
+	// PeerRate and PeerBurst bound the same for the tunnels of one peer
+	// IP address, so that one pod cannot spend the whole budget and keep
+	// every other plugin from connecting. Defaults 2 and 10; a negative
+	// PeerRate disables the limit.
+	PeerRate  float64
+	PeerBurst int
 }
 
 const (
@@ -38,6 +47,11 @@ const (
 	defaultMaxInFlight   = 16
 	defaultReviewRate    = 20
 	defaultReviewBurst   = 40
+	defaultPeerRate      = 2
+	defaultPeerBurst     = 10
+	// maxPeers bounds the peers tracked for PeerRate; idle ones are
+	// forgotten first.
+	maxPeers = 4096
 )
 
 // Metrics of the reviews, served with controller-runtime's own.
@@ -55,7 +69,7 @@ var (
 	reviewsAvoided = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "plugin_framework", Subsystem: "auth",
 		Name: "reviews_avoided_total",
-		Help: "Reviews not sent, by reason: malformed, audience, expired, too_large (the token's own shape), rate_limited, in_flight_limit, coalesced (an identical review was under way), cached.",
+		Help: "Reviews not sent, by reason: malformed, audience, expired, too_large (the token's own shape), peer_rate_limited, rate_limited, in_flight_limit, coalesced (an identical review was under way), cached.",
 	}, []string{"kind", "reason"})
 )
 
@@ -71,6 +85,11 @@ type guard struct {
 	slots   chan struct{}
 	limiter *rate.Limiter // nil: no rate limit
 	flights singleflight.Group
+
+	peerRate  rate.Limit // 0: no per-peer limit
+	peerBurst int
+	mu        sync.Mutex
+	peers     map[string]*rate.Limiter
 }
 
 func newGuard(kind string, l ReviewLimits) *guard {
@@ -82,7 +101,43 @@ func newGuard(kind string, l ReviewLimits) *guard {
 	if r := orDefaultFloat(l.Rate, defaultReviewRate); r > 0 {
 		g.limiter = rate.NewLimiter(rate.Limit(r), max(orDefault(l.Burst, defaultReviewBurst), 1))
 	}
+	if r := orDefaultFloat(l.PeerRate, defaultPeerRate); r > 0 {
+		g.peerRate, g.peerBurst = rate.Limit(r), max(orDefault(l.PeerBurst, defaultPeerBurst), 1)
+		g.peers = map[string]*rate.Limiter{}
+	}
 	return g
+}
+
+// peerAllows takes a review from the budget of ctx's peer.
+func (g *guard) peerAllows(ctx context.Context) bool {
+	if g.peers == nil {
+		return true
+	}
+	key := "unknown"
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		key = p.Addr.String()
+		if tcp, ok := p.Addr.(*net.TCPAddr); ok {
+			key = tcp.IP.String()
+		}
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	lim := g.peers[key]
+	if lim == nil {
+		if len(g.peers) >= maxPeers {
+			for k, l := range g.peers {
+				if l.Tokens() >= float64(g.peerBurst) {
+					delete(g.peers, k) // idle: as good as new
+				}
+			}
+		}
+		if len(g.peers) >= maxPeers {
+			return false
+		}
+		lim = rate.NewLimiter(g.peerRate, g.peerBurst)
+		g.peers[key] = lim
+	}
+	return lim.Allow()
 }
 
 func orDefaultFloat(v, def float64) float64 {
@@ -102,6 +157,10 @@ func (g *guard) do(ctx context.Context, key [sha256.Size]byte, review func(conte
 	led := false // whether this caller's review is the one that ran
 	ch := g.flights.DoChan(string(key[:]), func() (any, error) {
 		led = true
+		if !revalidation && !g.peerAllows(ctx) {
+			reviewsAvoided.WithLabelValues(g.kind, "peer_rate_limited").Inc()
+			return nil, status.Error(codes.Unavailable, "too many reviews for this peer: retry later")
+		}
 		if g.limiter != nil && !revalidation && !g.limiter.Allow() {
 			reviewsAvoided.WithLabelValues(g.kind, "rate_limited").Inc()
 			return nil, status.Error(codes.Unavailable, "too many reviews: the operator's rate limit towards the API server is reached, retry later")

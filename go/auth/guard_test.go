@@ -2,6 +2,7 @@ package auth
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	authnv1 "k8s.io/api/authentication/v1"
@@ -204,5 +206,29 @@ func TestBearerTokenInClear(t *testing.T) {
 		if _, err := a.Authenticate(at(local)); err != nil {
 			t.Fatalf("%v: %v", local, err)
 		}
+	}
+}
+
+func TestOnePeerCannotSpendEveryonesReviews(t *testing.T) {
+	f := &fakeTokenReviews{}
+	a, _ := newTestTokenAuth(t, f, TokenAuthenticatorConfig{Limits: ReviewLimits{PeerRate: 0.001, PeerBurst: 5}})
+	from := func(ip string, token string) context.Context {
+		ctx := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{IP: net.ParseIP(ip), Port: 1}, AuthInfo: credentials.TLSInfo{}})
+		return metadata.NewIncomingContext(ctx, metadata.Pairs("authorization", "Bearer "+token))
+	}
+	var limited int
+	for i := range 50 {
+		_, err := a.Authenticate(from("10.0.0.66", tok(fmt.Sprint("attack", i))))
+		if err != nil && strings.Contains(err.Error(), "for this peer") {
+			wantCode(t, err, codes.Unavailable)
+			limited++
+		}
+	}
+	if f.count() != 5 || limited != 45 {
+		t.Fatalf("%d reviews and %d refusals for one peer, want 5 and 45", f.count(), limited)
+	}
+	_, _ = a.Authenticate(from("10.0.0.7", tok("legit")))
+	if f.count() != 6 {
+		t.Fatalf("another peer's token was not reviewed")
 	}
 }

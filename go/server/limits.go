@@ -19,6 +19,7 @@ import (
 // metric and what a peer sees when it is reached.
 const (
 	defaultMaxConnections         = 1024
+	defaultMaxConnectionsPerPeer  = 64
 	defaultMaxUnregistered        = 64
 	defaultMaxUnregisteredPerPeer = 8
 	defaultMaxStreamsPerConn      = 32
@@ -46,6 +47,7 @@ const (
 // negative ones disable the limit.
 type limits struct {
 	maxConns           int
+	maxConnsPer        int
 	maxUnregistered    int
 	maxUnregisteredPer int
 	maxStreamsPerConn  int
@@ -88,21 +90,28 @@ func (l limits) grpcOptions() []grpc.ServerOption {
 }
 
 // limitListener closes, as soon as they are accepted, connections over
-// its limit and those check refuses, so that grpc never spends a
-// goroutine or a buffer on them.
+// its limits (in all, and from one IP address) and those check refuses,
+// so that gRPC never spends a goroutine or a buffer on them.
 type limitListener struct {
 	net.Listener
-	slots chan struct{} // nil: no limit
-	check func(net.Conn) error
-	log   logr.Logger
+	max, maxPer int // ≤ 0: no limit
+	check       func(net.Conn) error
+	log         logr.Logger
+
+	mu     sync.Mutex
+	total  int
+	byPeer map[string]int
 }
 
-func newLimitListener(lis net.Listener, max int, check func(net.Conn) error, lg logr.Logger) *limitListener {
-	l := &limitListener{Listener: lis, check: check, log: lg}
-	if max = orDefault(max, defaultMaxConnections); max > 0 {
-		l.slots = make(chan struct{}, max)
+func newLimitListener(lis net.Listener, l limits, check func(net.Conn) error, lg logr.Logger) *limitListener {
+	return &limitListener{
+		Listener: lis,
+		max:      orDefault(l.maxConns, defaultMaxConnections),
+		maxPer:   orDefault(l.maxConnsPer, defaultMaxConnectionsPerPeer),
+		check:    check,
+		log:      lg,
+		byPeer:   map[string]int{},
 	}
-	return l
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
@@ -113,25 +122,43 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		}
 		if l.check != nil {
 			if err := l.check(c); err != nil {
-				connectionsRefused.WithLabelValues("peer").Inc()
-				l.log.Info("connection refused", "peer", c.RemoteAddr().String(), "reason", err.Error())
-				c.Close()
+				l.refuse(c, "peer", err.Error())
 				continue
 			}
 		}
-		if l.slots == nil {
-			connectionsGauge.Inc()
-			return &countedConn{Conn: c, release: func() { connectionsGauge.Dec() }}, nil
+		key := peerKey(&peer.Peer{Addr: c.RemoteAddr()})
+		l.mu.Lock()
+		switch {
+		case l.max > 0 && l.total >= l.max:
+			l.mu.Unlock()
+			l.refuse(c, "limit", fmt.Sprintf("limit of %d connections reached (WithMaxConnections)", l.max))
+			continue
+		case l.maxPer > 0 && l.byPeer[key] >= l.maxPer:
+			l.mu.Unlock()
+			l.refuse(c, "peer_limit", fmt.Sprintf("limit of %d connections from %s reached (WithMaxConnections)", l.maxPer, key))
+			continue
 		}
-		select {
-		case l.slots <- struct{}{}:
-			connectionsGauge.Inc()
-			return &countedConn{Conn: c, release: func() { connectionsGauge.Dec(); <-l.slots }}, nil
-		default:
-			connectionsRefused.WithLabelValues("limit").Inc()
-			l.log.Info("connection refused", "peer", c.RemoteAddr().String(), "reason", fmt.Sprintf("limit of %d connections reached (WithMaxConnections)", cap(l.slots)))
-			c.Close()
-		}
+		l.total++
+		l.byPeer[key]++
+		l.mu.Unlock()
+		connectionsGauge.Inc()
+		return &countedConn{Conn: c, release: func() { l.release(key) }}, nil
+	}
+}
+
+func (l *limitListener) refuse(c net.Conn, reason, why string) {
+	connectionsRefused.WithLabelValues(reason).Inc()
+	l.log.Info("connection refused", "peer", c.RemoteAddr().String(), "reason", why)
+	c.Close()
+}
+
+func (l *limitListener) release(key string) {
+	connectionsGauge.Dec()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.total--
+	if l.byPeer[key]--; l.byPeer[key] <= 0 {
+		delete(l.byPeer, key)
 	}
 }
 

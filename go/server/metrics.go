@@ -16,7 +16,7 @@ var (
 	connectionsRefused = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "plugin_framework", Subsystem: "server",
 		Name: "connections_refused_total",
-		Help: "Connections closed as soon as accepted, by reason: limit (WithMaxConnections) or peer (not the local proxy, WithLocalProxy).",
+		Help: "Connections closed as soon as accepted, by reason: limit and peer_limit (WithMaxConnections), peer (not the local proxy, WithLocalProxy).",
 	}, []string{"reason"})
 	unregisteredGauge = prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: "plugin_framework", Subsystem: "server",

@@ -155,13 +155,16 @@ func WithLogger(lg logr.Logger) Option {
 	return optionFunc(func(c *config) { c.logger = &lg })
 }
 
-// WithMaxConnections bounds the connections the server holds; one over the
-// limit is closed as soon as it is accepted (metric
-// plugin_framework_server_connections_refused_total{reason="limit"}).
-// Each plugin tunnel normally has a connection of its own. Default 1024;
-// negative: no limit.
-func WithMaxConnections(n int) Option {
-	return optionFunc(func(c *config) { c.limits.maxConns = n })
+// WithMaxConnections bounds the connections the server holds: total in
+// all, and perPeer from one IP address, so that one pod cannot take them
+// all. A connection over a limit is closed as soon as it is accepted
+// (metric plugin_framework_server_connections_refused_total, reason
+// "limit" or "peer_limit"), and the plugin retries with backoff. Each
+// plugin tunnel normally has a connection of its own; a proxy in front of
+// the server (one peer) carries up to WithMaxStreamsPerConnection tunnels
+// on each of its connections. Defaults 1024 and 64; negative: no limit.
+func WithMaxConnections(total, perPeer int) Option {
+	return optionFunc(func(c *config) { c.limits.maxConns, c.limits.maxConnsPer = total, perPeer })
 }
 
 // WithMaxUnregisteredTunnels bounds the tunnels that are being

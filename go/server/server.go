@@ -255,7 +255,7 @@ func (s *Server) listen() (net.Listener, error) {
 	if s.cfg.localProxy.enabled {
 		check = s.cfg.localProxy.checkConn
 	}
-	return newLimitListener(lis, s.cfg.limits.maxConns, check, *s.log.Load()), nil
+	return newLimitListener(lis, s.cfg.limits, check, *s.log.Load()), nil
 }
 
 // localOnly reports a unix socket or a loopback TCP address.

@@ -28,6 +28,21 @@ import (
 	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
 )
 
+// bounded fails the test when an attack cost the server more than
+// growth MiB of resident memory over what it had before the attack
+// (times raceFactor under the race detector), or more than goroutines
+// goroutines at once.
+func bounded(t *testing.T, m measurement, growthMiB int64, goroutines int) {
+	t.Helper()
+	growthMiB *= raceFactor
+	if g := (m.PeakRSS - m.RSSBefore) >> 20; g > growthMiB {
+		t.Errorf("%s: the server's peak RSS grew by %d MiB, want at most %d", m.Attack, g, growthMiB)
+	}
+	if m.MaxGoroutines > goroutines {
+		t.Errorf("%s: %d goroutines at once, want at most %d", m.Attack, m.MaxGoroutines, goroutines)
+	}
+}
+
 // Item 1 of issue 11: a batch of two million empty frames, before
 // registration, from four tunnels three times each.
 func TestBatchAmplification(t *testing.T) {
@@ -35,7 +50,7 @@ func TestBatchAmplification(t *testing.T) {
 	cc := dial(t, c.addr, "127.0.0.2")
 	batch := emptyFrames(2 << 20) // 4 MiB
 	var ends sync.Map
-	c.attack("4 tunnels x 3 batches of 2M empty frames before registration", func() {
+	m := c.attack("4 tunnels x 3 batches of 2M empty frames before registration", func() {
 		var wg sync.WaitGroup
 		for i := range 4 {
 			wg.Go(func() {
@@ -59,29 +74,48 @@ func TestBatchAmplification(t *testing.T) {
 		}
 		wg.Wait()
 	})
-	ends.Range(func(k, v any) bool { t.Logf("tunnel %v: %v", k, v); return true })
+	ends.Range(func(k, v any) bool {
+		t.Logf("tunnel %v: %v", k, v)
+		if status.Code(v.(error)) != codes.ResourceExhausted {
+			t.Errorf("tunnel %v ended with %v, want RESOURCE_EXHAUSTED", k, v)
+		}
+		return true
+	})
+	bounded(t, m, 16, 100)
 	c.servesPlugins()
 }
 
-// Item 1 once registered: a batch of more frames than the protocol allows.
+// Item 1 once registered: a batch larger than the server accepts, and
+// one within its size but with more frames than the protocol allows.
 func TestFramesPerBatch(t *testing.T) {
 	c := startChild(t, childConfig{Mode: "anonymous"})
 	cc := dial(t, c.addr, "127.0.0.2")
-	var end error
-	c.attack("registered: 3 batches of 2M empty frames", func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		s := registerRaw(t, ctx, cc, "framer", nil)
-		batch := emptyFrames(2 << 20)
-		for range 3 {
-			if err := s.SendMsg(batch); err != nil {
-				break
+	ends := map[string]error{}
+	m := c.attack("registered: batches of 2M and of 100,000 empty frames", func() {
+		for name, frames := range map[string]int{"4 MiB": 2 << 20, "200 KB": 100_000} {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			s := registerRaw(t, ctx, cc, "framer", nil)
+			batch := emptyFrames(frames)
+			for range 3 {
+				if err := s.SendMsg(batch); err != nil {
+					break
+				}
 			}
+			_ = s.CloseSend()
+			_, ends[name] = recvUntilEnd(s)
+			cancel()
 		}
-		_ = s.CloseSend()
-		_, end = recvUntilEnd(s)
 	})
-	t.Logf("end: %v", end)
+	for name, err := range ends {
+		t.Logf("%s: %v", name, err)
+		if status.Code(err) != codes.ResourceExhausted {
+			t.Errorf("the %s batch ended the tunnel with %v, want RESOURCE_EXHAUSTED", name, err)
+		}
+	}
+	if msg := status.Convert(ends["200 KB"]).Message(); !strings.Contains(msg, "4096 frames") {
+		t.Errorf("the batch of 100,000 frames: %q, want the frame limit", msg)
+	}
+	bounded(t, m, 16, 100)
 	c.servesPlugins()
 }
 
@@ -140,7 +174,7 @@ func TestEmptyMessages(t *testing.T) {
 	<-opened
 	var sent int
 	var end error
-	c.attack("200,000 empty messages on one stream", func() {
+	m := c.attack("200,000 empty messages on one stream", func() {
 		frames := []*pb.Frame{{StreamId: id, Kind: &pb.Frame_Headers{Headers: &pb.StreamHeaders{}}}}
 		msg := &pb.Frame{StreamId: id, Kind: &pb.Frame_Message{Message: &pb.StreamMessage{}}}
 		for sent < 200_000 {
@@ -175,6 +209,10 @@ func TestEmptyMessages(t *testing.T) {
 		}
 	})
 	t.Logf("sent %d empty messages; operator: %v", sent, end)
+	if !strings.Contains(status.Convert(end).Message(), "flow-control window exceeded") {
+		t.Errorf("the operator answered %v, want the stream aborted for exceeding its window", end)
+	}
+	bounded(t, m, 32, 100)
 	c.servesPlugins()
 }
 
@@ -182,7 +220,7 @@ func TestEmptyMessages(t *testing.T) {
 func TestUnregisteredFlood(t *testing.T) {
 	c := startChild(t, childConfig{Mode: "anonymous"})
 	const streams, conns = 25_000, 8
-	var accepted, refused, other atomic.Int64
+	var accepted, refused, other, held, maxHeld atomic.Int64
 	var firstRefusal atomic.Value
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
@@ -190,7 +228,7 @@ func TestUnregisteredFlood(t *testing.T) {
 	for i := range ccs {
 		ccs[i] = dial(t, c.addr, fmt.Sprintf("127.0.0.%d", 2+i%4))
 	}
-	c.attack("25,000 unregistered tunnels", func() {
+	m := c.attack("25,000 unregistered tunnels", func() {
 		var wg sync.WaitGroup
 		opening := make(chan struct{}, 500) // streams being opened at once
 		actx, acancel := context.WithTimeout(ctx, 5*time.Second)
@@ -221,21 +259,41 @@ func TestUnregisteredFlood(t *testing.T) {
 					return
 				}
 				accepted.Add(1)
+				n := held.Add(1)
+				for m := maxHeld.Load(); n > m && !maxHeld.CompareAndSwap(m, n); m = maxHeld.Load() {
+				}
 				opened = true
 				<-opening
-				<-actx.Done() // hold it open, unregistered
+				// Hold it open, unregistered, until the attack ends or the
+				// operator ends it.
+				ended := make(chan struct{})
+				go func() {
+					for s.RecvMsg(&pb.ConnectResponse{}) == nil {
+					}
+					close(ended)
+				}()
+				select {
+				case <-actx.Done():
+				case <-ended:
+				}
+				held.Add(-1)
 			})
 		}
 		wg.Wait()
 	})
-	t.Logf("accepted %d, refused %d (%v), other %d", accepted.Load(), refused.Load(), firstRefusal.Load(), other.Load())
+	t.Logf("accepted %d (%d at once at most), refused %d (%v), other %d", accepted.Load(), maxHeld.Load(), refused.Load(), firstRefusal.Load(), other.Load())
+	// 4 attacking addresses, 8 unregistered tunnels each.
+	if maxHeld.Load() > 32 || refused.Load() == 0 {
+		t.Errorf("%d unregistered tunnels held at once and %d refused, want at most 32 held and the rest refused", maxHeld.Load(), refused.Load())
+	}
+	bounded(t, m, 48, 2000)
 	c.servesPlugins()
 }
 
 // Item 3: 2,000 HTTP/2 connections that say nothing after their preface,
 // and 200 TCP connections that say nothing at all.
 func TestIdleConnections(t *testing.T) {
-	c := startChild(t, childConfig{Mode: "anonymous"})
+	c := startChild(t, childConfig{Mode: "anonymous", ConnIdle: 2 * time.Second})
 	var conns []net.Conn
 	defer func() {
 		for _, conn := range conns {
@@ -243,7 +301,7 @@ func TestIdleConnections(t *testing.T) {
 		}
 	}()
 	var refused int
-	c.attack("2,000 idle HTTP/2 and 200 silent TCP connections", func() {
+	m := c.attack("2,000 idle HTTP/2 and 200 silent TCP connections", func() {
 		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: 2 * time.Second}
 		for i := range 2200 {
 			conn, err := d.Dial("tcp", c.addr)
@@ -259,28 +317,46 @@ func TestIdleConnections(t *testing.T) {
 		}
 		time.Sleep(time.Second)
 	})
-	// How many does the server still hold, 3 s later?
-	time.Sleep(2 * time.Second)
-	var open atomic.Int64
-	var wg sync.WaitGroup
-	for _, conn := range conns {
-		wg.Go(func() {
-			_ = conn.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
-			buf := make([]byte, 64<<10)
-			for {
-				if _, err := conn.Read(buf); err != nil {
-					var ne net.Error
-					if errors.As(err, &ne) && ne.Timeout() {
-						open.Add(1)
+	// How many does the server hold?
+	held := func() int64 {
+		var open atomic.Int64
+		var wg sync.WaitGroup
+		for _, conn := range conns {
+			wg.Go(func() {
+				_ = conn.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+				buf := make([]byte, 64<<10)
+				for {
+					if _, err := conn.Read(buf); err != nil {
+						var ne net.Error
+						if errors.As(err, &ne) && ne.Timeout() {
+							open.Add(1)
+						}
+						return
 					}
-					return
 				}
-			}
-		})
+			})
+		}
+		wg.Wait()
+		return open.Load()
 	}
-	wg.Wait()
-	t.Logf("%d connections refused at dial, %d of %d still open 3 s later", refused, open.Load(), len(conns))
+	now := held()
+	t.Logf("%d connections refused at dial, %d of %d held", refused, now, len(conns))
+	if now > 64 {
+		t.Errorf("the server holds %d connections from one address, want at most 64", now)
+	}
+	bounded(t, m, 32, 1000)
+	// A real plugin from another address connects meanwhile.
 	c.servesPlugins()
+	// Connections that carry no tunnel are closed once idle (2 s here,
+	// then gRPC's GoAway, which waits up to 5 s for a ping's answer that
+	// these connections never give).
+	deadline := time.Now().Add(15 * time.Second)
+	for held() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d idle connections still open 15 s after the idle timeout", held())
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
 }
 
 // rawH2 is an HTTP/2 connection written by hand, to send what a gRPC
@@ -390,7 +466,7 @@ func TestHugeHeaders(t *testing.T) {
 	junk := strings.Repeat("x", 1<<20)
 	var hs []*rawH2
 	var sent int
-	c.attack("64 streams with 1 MiB headers", func() {
+	m := c.attack("64 streams with 1 MiB headers", func() {
 		for i := range 8 {
 			h := dialH2(t, c.addr, "127.0.0.2")
 			hs = append(hs, h)
@@ -411,6 +487,15 @@ func TestHugeHeaders(t *testing.T) {
 		}
 	}
 	t.Logf("sent %d; the server answered %v", sent, seen)
+	for end := range seen {
+		if strings.Contains(end, "grpc-status") && !strings.Contains(end, "grpc-status=8") {
+			t.Errorf("a stream with 1 MiB of headers was served: %s", end)
+		}
+	}
+	if len(seen) == 0 {
+		t.Error("the server accepted every stream with 1 MiB of headers")
+	}
+	bounded(t, m, 32, 200)
 	c.servesPlugins()
 }
 
@@ -430,6 +515,10 @@ func TestHeartbeatCap(t *testing.T) {
 		took = time.Since(start)
 	})
 	t.Logf("the operator ended the silent tunnel after %s: %v", took.Round(time.Millisecond), end)
+	// Capped at twice the server's 250 ms: detected within two of those.
+	if took > 1500*time.Millisecond || !strings.Contains(status.Convert(end).Message(), "heartbeat timeout") {
+		t.Errorf("the silent tunnel ended after %s with %v, want a heartbeat timeout within 1 s", took, end)
+	}
 	c.servesPlugins()
 }
 
@@ -438,7 +527,7 @@ func TestHugeRegistration(t *testing.T) {
 	c := startChild(t, childConfig{Mode: "anonymous"})
 	cc := dial(t, c.addr, "127.0.0.2")
 	ends := map[string]int{}
-	c.attack("registrations with a 3 MiB and a 60 KiB version, 20 times each", func() {
+	m := c.attack("registrations with a 3 MiB and a 60 KiB version, 20 times each", func() {
 		for _, size := range []int{3 << 20, 60 << 10} {
 			version := strings.Repeat("v", size)
 			for range 20 {
@@ -455,6 +544,12 @@ func TestHugeRegistration(t *testing.T) {
 		}
 	})
 	t.Logf("ends: %v", ends)
+	if ends["3145728 bytes: ResourceExhausted"] != 20 || ends["61440 bytes: InvalidArgument"] != 20 {
+		t.Errorf("ends %v, want every 3 MiB registration RESOURCE_EXHAUSTED and every 60 KiB one INVALID_ARGUMENT", ends)
+	}
+	if m.LongestLine > 1024 || m.LogBytes > 64<<10 {
+		t.Errorf("the server logged %d bytes, its longest line %d: a peer's values reach the log", m.LogBytes, m.LongestLine)
+	}
 	c.servesPlugins()
 }
 
@@ -463,7 +558,7 @@ func TestHugeRegistration(t *testing.T) {
 func TestLogFlood(t *testing.T) {
 	c := startChild(t, childConfig{Mode: "anonymous"})
 	cc := dial(t, c.addr, "127.0.0.2")
-	c.attack("5,000 refused registrations and 5,000 bad hellos", func() {
+	m := c.attack("5,000 refused registrations and 5,000 bad hellos", func() {
 		var wg sync.WaitGroup
 		sem := make(chan struct{}, 200)
 		for i := range 10_000 {
@@ -487,6 +582,11 @@ func TestLogFlood(t *testing.T) {
 		}
 		wg.Wait()
 	})
+	// A few messages (4), each at most 20 lines and then 5 a second.
+	elapsed, _ := time.ParseDuration(m.Elapsed)
+	if limit := 4*(20+int64(5*elapsed.Seconds())) + 10; m.LogLines > limit || m.LogBytes > limit*300 {
+		t.Errorf("10,000 refused tunnels made %d log lines (%d bytes) in %s, want at most %d lines", m.LogLines, m.LogBytes, m.Elapsed, limit)
+	}
 	c.servesPlugins()
 }
 
@@ -543,7 +643,7 @@ func TestTokenReviewFlood(t *testing.T) {
 		cc := dial(t, c.addr, "127.0.0.2")
 		codesSeen := map[codes.Code]int{}
 		var mu sync.Mutex
-		c.attack("3,000 tunnels with "+kind.name+" tokens", func() {
+		m := c.attack("3,000 tunnels with "+kind.name+" tokens", func() {
 			var wg sync.WaitGroup
 			sem := make(chan struct{}, 300)
 			for range 3000 {
@@ -561,6 +661,18 @@ func TestTokenReviewFlood(t *testing.T) {
 			wg.Wait()
 		})
 		t.Logf("%s: %v", kind.name, codesSeen)
+		if codesSeen[codes.OK] > 0 {
+			t.Errorf("%d tunnels with made-up tokens were served", codesSeen[codes.OK])
+		}
+		// Opaque tokens cost no review; JWT-shaped ones, from one peer,
+		// its budget: a burst of 10, then 2 a second.
+		elapsed, _ := time.ParseDuration(m.Elapsed)
+		if limit := int64(0); kind.name == "random opaque" && m.TokenReviews != limit {
+			t.Errorf("%d TokenReviews for tokens that are not JWTs, want none", m.TokenReviews)
+		} else if limit := 10 + int64(2*elapsed.Seconds()) + 1; m.TokenReviews > limit {
+			t.Errorf("%d TokenReviews from one peer in %s, want at most %d", m.TokenReviews, m.Elapsed, limit)
+		}
+		bounded(t, m, 32, 1000)
 	}
 	c.servesPluginsWithToken(t)
 }
@@ -568,22 +680,34 @@ func TestTokenReviewFlood(t *testing.T) {
 // Item 4: 500 concurrent tunnels with one bad token.
 func TestSameBadToken(t *testing.T) {
 	c := kubeChild(t, 0)
-	cc := dial(t, c.addr, "127.0.0.2")
+	// From 64 addresses, so that the per-peer limits let many reach the
+	// authentication at once.
+	ccs := make([]*grpc.ClientConn, 64)
+	for i := range ccs {
+		ccs[i] = dial(t, c.addr, fmt.Sprintf("127.0.1.%d", i+1))
+	}
 	token := fakeJWT(testAudience)
-	c.attack("500 concurrent tunnels with one bad token", func() {
+	var authenticated atomic.Int64 // reached the review: refused as invalid
+	m := c.attack("500 concurrent tunnels with one bad token", func() {
 		var wg sync.WaitGroup
 		start := make(chan struct{})
-		for range 500 {
+		for i := range 500 {
 			wg.Go(func() {
 				<-start
 				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 				defer cancel()
-				_ = connectWithToken(ctx, cc, token)
+				if err := connectWithToken(ctx, ccs[i%len(ccs)], token); status.Code(err) == codes.Unauthenticated {
+					authenticated.Add(1)
+				}
 			})
 		}
 		close(start)
 		wg.Wait()
 	})
+	t.Logf("%d tunnels refused as unauthenticated", authenticated.Load())
+	if m.TokenReviews != 1 || authenticated.Load() < 64 {
+		t.Errorf("%d TokenReviews for %d tunnels refused with one token, want 1 for at least 64", m.TokenReviews, authenticated.Load())
+	}
 	c.servesPluginsWithToken(t)
 }
 
@@ -593,7 +717,7 @@ func TestSlowAPIServer(t *testing.T) {
 	c := kubeChild(t, 5*time.Second)
 	junk := strings.Repeat("x", 1<<20)
 	seen := map[string]int{}
-	c.attack("300 streams with 1 MiB headers while reviews take 5 s", func() {
+	m := c.attack("300 streams with 1 MiB headers while reviews take 5 s", func() {
 		var hs []*rawH2
 		for i := range 30 {
 			h := dialH2(t, c.addr, fmt.Sprintf("127.0.0.%d", 2+i%8))
@@ -612,6 +736,37 @@ func TestSlowAPIServer(t *testing.T) {
 		}
 	})
 	t.Logf("the server answered %v", seen)
+	if m.TokenReviews != 0 {
+		t.Errorf("%d TokenReviews for streams whose headers are over the limit", m.TokenReviews)
+	}
+	bounded(t, m, 32, 500)
+
+	// The same with small headers: at most 16 reviews wait at once, the
+	// others are refused at once.
+	var codesSeen sync.Map
+	m = c.attack("300 tunnels with JWT-shaped tokens while reviews take 5 s", func() {
+		var wg sync.WaitGroup
+		ccs := make([]*grpc.ClientConn, 100)
+		for i := range ccs {
+			ccs[i] = dial(t, c.addr, fmt.Sprintf("127.0.2.%d", 1+i))
+		}
+		for i := range 300 {
+			cc := ccs[i%len(ccs)]
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+				defer cancel()
+				err := connectWithToken(ctx, cc, fakeJWT(testAudience))
+				n, _ := codesSeen.LoadOrStore(status.Code(err), new(atomic.Int64))
+				n.(*atomic.Int64).Add(1)
+			})
+		}
+		wg.Wait()
+	})
+	codesSeen.Range(func(k, v any) bool { t.Logf("%v: %d", k, v.(*atomic.Int64).Load()); return true })
+	if m.TokenReviews > 16 {
+		t.Errorf("%d TokenReviews under way with a slow API server, want at most 16", m.TokenReviews)
+	}
+	bounded(t, m, 48, 1500)
 	c.get("/delay?d=0")
 	c.servesPluginsWithToken(t)
 }

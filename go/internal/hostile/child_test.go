@@ -45,6 +45,8 @@ type childConfig struct {
 	ReviewDelay time.Duration `json:"reviewDelay,omitempty"`
 	// Heartbeat is the server's heartbeat interval (0: its default).
 	Heartbeat time.Duration `json:"heartbeat,omitempty"`
+	// ConnIdle is the server's connection idle timeout (0: its default).
+	ConnIdle time.Duration `json:"connIdle,omitempty"`
 }
 
 // childInfo is the first line the child prints.
@@ -177,9 +179,12 @@ func childOptions(cfg childConfig, tokenReviews, accessReviews, delay *atomic.In
 	if cfg.Heartbeat > 0 {
 		opts = append(opts, server.WithHeartbeatInterval(cfg.Heartbeat))
 	}
+	if cfg.ConnIdle > 0 {
+		opts = append(opts, server.WithConnectionIdleTimeout(cfg.ConnIdle))
+	}
 	switch cfg.Mode {
 	case "anonymous":
-		return opts, nil
+		return append(opts, server.WithInsecureNoAuthentication()), nil
 	case "builtin":
 		rc, err := clientcmd.BuildConfigFromFlags("", cfg.Kubeconfig)
 		if err != nil {
