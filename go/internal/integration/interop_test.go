@@ -28,13 +28,15 @@ type failLogger struct{ grpclog.LoggerV2 }
 
 type interopFailure struct{ msg string }
 
-func (failLogger) Fatal(args ...any)                 { panic(interopFailure{fmt.Sprint(args...)}) }
-func (failLogger) Fatalln(args ...any)               { panic(interopFailure{fmt.Sprint(args...)}) }
-func (failLogger) Fatalf(format string, args ...any) { panic(interopFailure{fmt.Sprintf(format, args...)}) }
-func (failLogger) FatalDepth(_ int, args ...any)     { panic(interopFailure{fmt.Sprint(args...)}) }
-func (failLogger) InfoDepth(int, ...any)             {}
-func (failLogger) WarningDepth(int, ...any)          {}
-func (failLogger) ErrorDepth(int, ...any)            {}
+func (failLogger) Fatal(args ...any)   { panic(interopFailure{fmt.Sprint(args...)}) }
+func (failLogger) Fatalln(args ...any) { panic(interopFailure{fmt.Sprint(args...)}) }
+func (failLogger) Fatalf(format string, args ...any) {
+	panic(interopFailure{fmt.Sprintf(format, args...)})
+}
+func (failLogger) FatalDepth(_ int, args ...any) { panic(interopFailure{fmt.Sprint(args...)}) }
+func (failLogger) InfoDepth(int, ...any)         {}
+func (failLogger) WarningDepth(int, ...any)      {}
+func (failLogger) ErrorDepth(int, ...any)        {}
 
 func init() {
 	grpclog.SetLoggerV2(failLogger{grpclog.NewLoggerV2(discard{}, discard{}, discard{})})

@@ -315,3 +315,35 @@ func TestPluginCloseDrains(t *testing.T) {
 		t.Fatalf("Get after Close: %v", err)
 	}
 }
+
+// TestPluginLostMidCall: a plugin whose connection breaks in the middle of
+// a call (its process killed) fails the call with UNAVAILABLE saying that
+// the plugin's connection was lost, not "context canceled", which would
+// read as the caller's own cancellation.
+func TestPluginLostMidCall(t *testing.T) {
+	op := startOperator(t)
+	fr, target := newFreezer(t, strings.TrimPrefix(op.target, "unix://"))
+	started := make(chan struct{}, 1)
+	c, err := client.New(context.Background(), "p", target, "v1", &testgrpc.TestService_ServiceDesc,
+		&testService{OnEmpty: blocker(started, nil)}, client.WithBackoff(fastBackoff))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Ready(ctxTimeout(t, 5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	call := op.call(t, "p")
+	errc := make(chan error, 1)
+	go func() {
+		_, err := call.EmptyCall(ctxTimeout(t, 30*time.Second), &testgrpc.Empty{})
+		errc <- err
+	}()
+	<-started
+	fr.close() // the connection breaks, as when the plugin's process dies
+	err = <-errc
+	wantCode(t, err, codes.Unavailable)
+	if msg := status.Convert(err).Message(); !strings.Contains(msg, "connection to the plugin lost") || strings.Contains(msg, "context canceled") {
+		t.Fatalf("call failed with %q, want it to say the plugin's connection was lost", msg)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -316,4 +317,41 @@ func forward(t *testing.T, listen string, backends []string) string {
 		}
 	})
 	return lis.Addr().String()
+}
+
+// TestReplicaCost measures what the plugin's process pays per operator
+// replica: tunnels, goroutines and heap, for 1, 2, 4 and 8 replicas. It
+// reports numbers (go test -v); it asserts only the tunnel count.
+func TestReplicaCost(t *testing.T) {
+	rs := newReplicaSet(t)
+	var ops []*operator
+	heapAfterGC := func() uint64 {
+		var m runtime.MemStats
+		runtime.GC()
+		runtime.GC()
+		runtime.ReadMemStats(&m)
+		return m.HeapAlloc
+	}
+	// The servers' own cost is counted before the plugin starts; what grows
+	// after is the plugin's (and the servers' per-tunnel cost: reported too).
+	for i := range 8 {
+		ops = append(ops, rs.start(fmt.Sprintf("127.0.0.%d", 2+i)))
+	}
+	rs.mu.Lock()
+	all := slices.Clone(rs.ips)
+	rs.mu.Unlock()
+	for _, n := range []int{1, 2, 4, 8} {
+		rs.mu.Lock()
+		rs.ips = slices.Clone(all[:n])
+		rs.mu.Unlock()
+		g0, h0 := runtime.NumGoroutine(), heapAfterGC()
+		c := rs.plugin()
+		waitRegistrations(t, c, n)
+		time.Sleep(100 * time.Millisecond) // let connection set-up settle
+		g1, h1 := runtime.NumGoroutine(), heapAfterGC()
+		t.Logf("%d replicas: %d tunnels; plugin and operators together: %d goroutines (%.1f per replica), %.1f KiB heap (%.1f KiB per replica)",
+			n, len(c.Registrations()), g1-g0, float64(g1-g0)/float64(n), float64(h1-h0)/1024, float64(h1-h0)/1024/float64(n))
+		c.Close()
+		registered(t, 5*time.Second, 0, ops[:n]...)
+	}
 }

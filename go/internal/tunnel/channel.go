@@ -276,7 +276,18 @@ func newClientStream(s *stream, desc *grpc.StreamDesc, ci *callInfo, span trace.
 
 func (cs *clientStream) Context() context.Context { return cs.s.ctx }
 
+// cancelled aborts the stream at once when the caller's context has ended.
+// The abort also runs from context.AfterFunc, but asynchronously: without
+// this a response arriving meanwhile could still complete a call whose
+// caller had cancelled before reading, which grpc-go never does.
+func (cs *clientStream) cancelled() {
+	if err := cs.s.ctx.Err(); err != nil {
+		cs.s.abort(status.FromContextError(err))
+	}
+}
+
 func (cs *clientStream) Header() (metadata.MD, error) {
+	cs.cancelled()
 	<-cs.s.headerC
 	cs.s.mu.Lock()
 	defer cs.s.mu.Unlock()
@@ -297,6 +308,7 @@ func (cs *clientStream) Trailer() metadata.MD {
 }
 
 func (cs *clientStream) CloseSend() error {
+	cs.cancelled()
 	s := cs.s
 	s.mu.Lock()
 	send := s.state == stateOpen
@@ -311,6 +323,7 @@ func (cs *clientStream) CloseSend() error {
 }
 
 func (cs *clientStream) SendMsg(m any) error {
+	cs.cancelled()
 	last, err := cs.s.sendMsg(cs.ci.codec, m, nil)
 	if err != nil {
 		if !errors.Is(err, io.EOF) {
@@ -323,6 +336,7 @@ func (cs *clientStream) SendMsg(m any) error {
 }
 
 func (cs *clientStream) RecvMsg(m any) error {
+	cs.cancelled()
 	if err := cs.s.recvInto(cs.ci.codec, m); err != nil {
 		if errors.Is(err, io.EOF) && !cs.desc.ServerStreams {
 			err = status.Error(codes.Internal, "cardinality violation: received no response message from non-streaming RPC")

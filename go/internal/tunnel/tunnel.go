@@ -377,7 +377,7 @@ func (t *Tunnel) readLoop() {
 	for {
 		b, err := t.tr.Recv(t.recvLimit)
 		if err != nil {
-			st := transportStatus(err)
+			st := t.transportStatus(err)
 			t.mu.Lock()
 			if t.peerGoAway && errors.Is(err, io.EOF) {
 				st = status.New(codes.OK, "peer drained") // the end it announced
@@ -421,19 +421,32 @@ func (t *Tunnel) failing() bool {
 	return t.failure != nil
 }
 
-// transportStatus describes the end of the transport: a clean end or a
-// cancelled stream is UNAVAILABLE like any lost connection.
-func transportStatus(err error) *status.Status {
-	if errors.Is(err, io.EOF) {
+// transportStatus describes the end of the transport for a person reading
+// a call's error or a log: a clean end is "peer closed the tunnel"; a
+// connection that broke is UNAVAILABLE "connection to the plugin lost"
+// (or the operator), with gRPC's detail when it says more than that the
+// stream's context ended, which on the operator's side is what a vanished
+// plugin looks like and reads as if the caller had cancelled.
+func (t *Tunnel) transportStatus(err error) *status.Status {
+	st, ok := status.FromError(err)
+	switch {
+	case errors.Is(err, io.EOF), ok && st.Code() == codes.OK:
 		return status.New(codes.Unavailable, "peer closed the tunnel")
+	case ok && st.Code() == codes.ResourceExhausted:
+		return st // a batch over the receive limit: the peer's fault, said as it is
 	}
-	if st, ok := status.FromError(err); ok {
-		if st.Code() == codes.OK {
-			return status.New(codes.Unavailable, "peer closed the tunnel")
-		}
-		return st
+	peerName := "plugin"
+	if t.cfg.Side == PluginSide {
+		peerName = "operator"
 	}
-	return status.New(codes.Unavailable, err.Error())
+	lost := "connection to the " + peerName + " lost"
+	switch {
+	case errors.Is(err, context.Canceled), ok && st.Code() == codes.Canceled:
+		return status.New(codes.Unavailable, lost)
+	case !ok:
+		return status.New(codes.Unavailable, lost+": "+err.Error())
+	}
+	return status.New(codes.Unavailable, lost+": "+st.Message())
 }
 
 // handleFrame acts on one frame, taking over buf (the buffer behind a

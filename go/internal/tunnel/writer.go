@@ -162,7 +162,7 @@ func (w *writer) run() {
 			err := w.tr.Send(batch) // the transport now owns the buffers
 			clear(batch)
 			if err != nil {
-				w.t.close(transportStatus(err))
+				w.t.close(w.t.transportStatus(err))
 				return
 			}
 		}
