@@ -52,7 +52,7 @@ func freePort(t *testing.T) int {
 // start runs a replica on ip and adds it to the name's addresses.
 func (rs *replicaSet) start(ip string, opts ...server.Option) *operator {
 	addr := net.JoinHostPort(ip, fmt.Sprint(rs.port))
-	op := startOperatorOn(rs.t, addr, append([]server.Option{server.WithReplica("replica-"+ip, 0), server.WithInsecureNoAuthentication()}, opts...)...)
+	op := startOperatorOn(rs.t, addr, append([]server.Option{server.WithReplica("replica-"+ip, 0)}, opts...)...)
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
 	rs.ips = append(rs.ips, ip)
@@ -117,7 +117,7 @@ func registered(t *testing.T, within time.Duration, want int, ops ...*operator) 
 // startOperatorOn runs a server on a TCP address.
 func startOperatorOn(t testing.TB, addr string, opts ...server.Option) *operator {
 	t.Helper()
-	srv, err := server.New(addr, opts...)
+	srv, err := server.New(addr, append([]server.Option{server.WithInsecureNoAuthentication()}, opts...)...) // loopback, no credentials in these tests
 	if err != nil {
 		t.Fatal(err)
 	}
