@@ -7,14 +7,17 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/go-logr/logr/funcr"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
+	"sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/guilhem/operator-plugin-framework/go/client"
 	"github.com/guilhem/operator-plugin-framework/go/server"
@@ -236,5 +239,93 @@ func TestLocalProxy(t *testing.T) {
 				t.Fatalf("connection kept: %v, want %v", got, c.wantKept)
 			}
 		})
+	}
+}
+
+// logLines is a logger that keeps its lines.
+type logLines struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (l *logLines) logger() logr.Logger {
+	return funcr.New(func(prefix, args string) {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		l.lines = append(l.lines, args)
+	}, funcr.Options{})
+}
+
+func (l *logLines) find(substr ...string) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []string
+	for _, line := range l.lines {
+		all := true
+		for _, s := range substr {
+			all = all && strings.Contains(line, s)
+		}
+		if all {
+			out = append(out, line)
+		}
+	}
+	return out
+}
+
+// The logger of Start's context (controller-runtime's, by default) sees a
+// refused registration, and every end of a tunnel says why in words.
+func TestLogsWithoutExtraCode(t *testing.T) {
+	logs := &logLines{}
+	srv, err := server.New("unix://"+filepath.Join(t.TempDir(), "s.sock"),
+		server.WithRegistrationPolicy(func(_ context.Context, _ server.Identity, r server.Registration) error {
+			if r.Name == "refused" {
+				return status.Error(codes.PermissionDenied, "not this one")
+			}
+			return nil
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(log.IntoContext(context.Background(), logs.logger()))
+	done := make(chan error, 1)
+	go func() { done <- srv.Start(ctx) }()
+	actx, acancel := context.WithTimeout(ctx, 5*time.Second)
+	a, err := srv.Addr(actx)
+	acancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := "unix://" + a.String()
+	plugin := func(name string) *client.Client {
+		c, err := client.New(context.Background(), name, addr, "v1", &testgrpc.TestService_ServiceDesc, empty{}, client.WithLogger(logr.Discard()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	refused := plugin("refused")
+	eventually(t, 5*time.Second, "the refusal is logged", func() bool {
+		return len(logs.find(`"registration refused"`, `"not this one"`)) > 0
+	})
+	refused.Close()
+
+	leaving := plugin("leaving")
+	ready(t, leaving)
+	leaving.Close() // the plugin drains
+	staying := plugin("staying")
+	ready(t, staying)
+	cancel() // the operator drains
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	staying.Close()
+	for name, want := range map[string]string{"leaving": "drained by the plugin", "staying": "drained by the operator: operator shutting down"} {
+		lines := logs.find(`"plugin unregistered"`, `"plugin"="`+name+`"`)
+		if len(lines) != 1 || !strings.Contains(lines[0], `"reason"="`+want+`"`) {
+			t.Errorf("%s: %q, want one line with the reason %q", name, lines, want)
+		}
+	}
+	if null := logs.find(`"reason"=null`); len(null) > 0 {
+		t.Errorf("lines without a reason: %q", null)
 	}
 }

@@ -106,7 +106,8 @@ func served(t *testing.T, addr string) string {
 func TestTLSCertificateReload(t *testing.T) {
 	p := newPKI(t)
 	p.issue(t, newCA(t, "ca-1"))
-	srv, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile), server.WithInsecureNoAuthentication())
+	logs := &logLines{}
+	srv, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile), server.WithInsecureNoAuthentication(), server.WithLogger(logs.logger()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,6 +135,10 @@ func TestTLSCertificateReload(t *testing.T) {
 	}
 	if got := served(t, addr); got != "ca-1" {
 		t.Fatalf("half-rotated: served a certificate of %s", got)
+	}
+	_ = served(t, addr)
+	if n := len(logs.find(`"serving certificate not reloaded`)); n != 1 {
+		t.Fatalf("%d log lines about the pair that does not load, want 1 (once per pair)", n)
 	}
 	// The full rotation is served to new connections.
 	p.issue(t, ca2)
