@@ -401,8 +401,8 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		ConnectedAt: time.Now(),
 	}
 	t.Accept(inst.ID)
-	tk.leave() // registered: no longer counts against the admission limits
 	remove := s.reg.Add(inst, t)
+	tk.leave() // registered: no longer counts against the admission limits
 	lg.Info("plugin registered", "instance", inst.ID, "services", inst.Services)
 	stopLifetime := s.limitLifetime(t, id, cause, lg)            // security.go
 	stopRevalidation := s.revalidate(ctx, t, id, reg, cause, lg) // security.go

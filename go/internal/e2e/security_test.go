@@ -271,6 +271,11 @@ func testMode(t *testing.T, c *cluster, tk *tokens, start func(*testing.T, *clus
 	t.Run("the allowed plugin serves every kind of call", func(t *testing.T) {
 		p := newPlugin(t, ep, pluginName, tk.goodFile, newTestService(), logr.Discard())
 		waitReady(t, p)
+		// The plugin is registered once it has the operator's answer; the
+		// operator lists it right after sending it.
+		eventuallyTrue(t, 5*time.Second, "the registry lists the plugin", func() bool {
+			return len(ep.srv.GetRegistry().Plugin(pluginName).Instances()) > 0
+		})
 		insts := ep.srv.GetRegistry().Plugin(pluginName).Instances()
 		if len(insts) != 1 || insts[0].Identity != pluginUser || insts[0].ID != p.InstanceID() {
 			t.Fatalf("registry holds %+v, want one instance of %s", insts, pluginUser)

@@ -282,9 +282,10 @@ func TestUnregisteredFlood(t *testing.T) {
 		wg.Wait()
 	})
 	t.Logf("accepted %d (%d at once at most), refused %d (%v), other %d", accepted.Load(), maxHeld.Load(), refused.Load(), firstRefusal.Load(), other.Load())
-	// 4 attacking addresses, 8 unregistered tunnels each.
-	if maxHeld.Load() > 32 || refused.Load() == 0 {
-		t.Errorf("%d unregistered tunnels held at once and %d refused, want at most 32 held and the rest refused", maxHeld.Load(), refused.Load())
+	// 4 attacking addresses, 8 unregistered tunnels each, as the server
+	// counts them (its gauge).
+	if m.MaxUnregistered > 32 || refused.Load() == 0 {
+		t.Errorf("the server held %d unregistered tunnels at once and refused %d, want at most 32 held and the rest refused", m.MaxUnregistered, refused.Load())
 	}
 	bounded(t, m, 48, 2000)
 	c.servesPlugins()
@@ -339,10 +340,10 @@ func TestIdleConnections(t *testing.T) {
 		wg.Wait()
 		return open.Load()
 	}
-	now := held()
-	t.Logf("%d connections refused at dial, %d of %d held", refused, now, len(conns))
-	if now > 64 {
-		t.Errorf("the server holds %d connections from one address, want at most 64", now)
+	t.Logf("%d connections refused at dial, %d of %d open (some may wait to be accepted)", refused, held(), len(conns))
+	// All from one address: at most 64, as the server counts them.
+	if m.MaxConnections > 64 {
+		t.Errorf("the server held %d connections from one address, want at most 64", m.MaxConnections)
 	}
 	bounded(t, m, 32, 1000)
 	// A real plugin from another address connects meanwhile.

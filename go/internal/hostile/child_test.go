@@ -60,6 +60,23 @@ type stats struct {
 	Goroutines  int   `json:"goroutines"`
 	TokenReview int64 `json:"tokenReviews"`
 	AccessRev   int64 `json:"accessReviews"`
+	// The server's own gauges.
+	Connections  int `json:"connections"`
+	Unregistered int `json:"unregistered"`
+}
+
+// gauge reads a gauge of controller-runtime's registry.
+func gauge(name string) int {
+	mfs, err := metrics.Registry.Gather()
+	if err != nil {
+		return -1
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) > 0 {
+			return int(mf.GetMetric()[0].GetGauge().GetValue())
+		}
+	}
+	return 0
 }
 
 // runChild serves plugins on loopback until stdin closes or a signal
@@ -114,7 +131,11 @@ func runChild(raw string) int {
 	)
 	mux := http.NewServeMux()
 	mux.HandleFunc("/stats", func(w http.ResponseWriter, _ *http.Request) {
-		_ = json.NewEncoder(w).Encode(stats{Goroutines: runtime.NumGoroutine(), TokenReview: tokenReviews.Load(), AccessRev: accessReviews.Load()})
+		_ = json.NewEncoder(w).Encode(stats{
+			Goroutines: runtime.NumGoroutine(), TokenReview: tokenReviews.Load(), AccessRev: accessReviews.Load(),
+			Connections:  gauge("plugin_framework_server_connections"),
+			Unregistered: gauge("plugin_framework_server_unregistered_tunnels"),
+		})
 	})
 	mux.HandleFunc("/delay", func(w http.ResponseWriter, r *http.Request) {
 		d, err := time.ParseDuration(r.URL.Query().Get("d"))

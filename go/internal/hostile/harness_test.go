@@ -60,9 +60,11 @@ type child struct {
 	stats string // control endpoint
 	logs  *logMeter
 
-	mu            sync.Mutex
-	maxGoroutines int
-	stopSampling  func()
+	mu              sync.Mutex
+	maxGoroutines   int
+	maxConnections  int // the server's gauges, at most
+	maxUnregistered int
+	stopSampling    func()
 }
 
 // startChild runs the server in a child process until the test ends.
@@ -135,6 +137,8 @@ func (c *child) sample() (stop func()) {
 			if st, err := c.getStats(); err == nil {
 				c.mu.Lock()
 				c.maxGoroutines = max(c.maxGoroutines, st.Goroutines)
+				c.maxConnections = max(c.maxConnections, st.Connections)
+				c.maxUnregistered = max(c.maxUnregistered, st.Unregistered)
 				c.mu.Unlock()
 			}
 			select {
@@ -223,11 +227,15 @@ type measurement struct {
 	PeakRSS       int64  `json:"peakRSS"`
 	RSSBefore     int64  `json:"rssBefore"`
 	MaxGoroutines int    `json:"maxGoroutines"`
-	TokenReviews  int64  `json:"tokenReviews"`
-	LogBytes      int64  `json:"logBytes"`
-	LogLines      int64  `json:"logLines"`
-	LongestLine   int    `json:"longestLogLine"`
-	Elapsed       string `json:"elapsed"`
+	// The server's connections and unregistered tunnels, at most (its
+	// gauges, sampled).
+	MaxConnections  int    `json:"maxConnections"`
+	MaxUnregistered int    `json:"maxUnregistered"`
+	TokenReviews    int64  `json:"tokenReviews"`
+	LogBytes        int64  `json:"logBytes"`
+	LogLines        int64  `json:"logLines"`
+	LongestLine     int    `json:"longestLogLine"`
+	Elapsed         string `json:"elapsed"`
 }
 
 // attack runs fn against c and reports what it cost the server.
@@ -240,19 +248,19 @@ func (c *child) attack(name string, fn func()) measurement {
 	elapsed := time.Since(start)
 	time.Sleep(100 * time.Millisecond) // one more sample after the attack
 	c.mu.Lock()
-	maxG := c.maxGoroutines
+	maxG, maxC, maxU := c.maxGoroutines, c.maxConnections, c.maxUnregistered
 	c.mu.Unlock()
 	st, _ := c.getStats()
 	peak, _ := c.memory()
 	bytes, lines, longest := c.logs.totals()
 	m := measurement{
-		Attack: name, PeakRSS: peak, RSSBefore: before, MaxGoroutines: maxG,
+		Attack: name, PeakRSS: peak, RSSBefore: before, MaxGoroutines: maxG, MaxConnections: maxC, MaxUnregistered: maxU,
 		TokenReviews: st.TokenReview - st0.TokenReview,
 		LogBytes:     bytes, LogLines: lines, LongestLine: longest,
 		Elapsed: elapsed.Round(time.Millisecond).String(),
 	}
-	c.t.Logf("%s: peak RSS %d MiB (%d MiB before), %d goroutines at most, %d TokenReviews, %d log lines (%d bytes, longest %d), in %s",
-		name, peak>>20, before>>20, maxG, m.TokenReviews, lines, bytes, longest, m.Elapsed)
+	c.t.Logf("%s: peak RSS %d MiB (%d MiB before), %d goroutines, %d connections and %d unregistered tunnels at most, %d TokenReviews, %d log lines (%d bytes, longest %d), in %s",
+		name, peak>>20, before>>20, maxG, maxC, maxU, m.TokenReviews, lines, bytes, longest, m.Elapsed)
 	if path := os.Getenv("HOSTILE_RESULTS"); path != "" {
 		if f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644); err == nil {
 			_ = json.NewEncoder(f).Encode(m)
