@@ -329,14 +329,9 @@ func (c *cluster) tokens(t *testing.T) *tokens {
 	return tk
 }
 
-// kubeconfig writes a kubeconfig for the operator's ServiceAccount, for
-// kube-rbac-proxy (in a pod it would use the in-cluster configuration).
-func (c *cluster) kubeconfig(t *testing.T) string {
-	t.Helper()
-	return c.kubeconfigIn(t, t.TempDir())
-}
-
-// kubeconfigIn writes it in dir, readable by every user (for the proxy's).
+// kubeconfigIn writes a kubeconfig for the operator's ServiceAccount, for
+// kube-rbac-proxy (in a pod it would use the in-cluster configuration), in
+// dir, readable by every user (the proxy runs as a user of its own).
 func (c *cluster) kubeconfigIn(t *testing.T, dir string) string {
 	t.Helper()
 	cfg := clientcmdapi.NewConfig()
