@@ -8,37 +8,42 @@ import (
 	"testing"
 )
 
-// TestREADME checks that every Go snippet of the repository's README is a
-// piece of this module's code (indentation aside), so that the README only
-// shows code that compiles and that the examples run.
+// TestREADME checks that every Go snippet of the repository's README and
+// of docs/operators.md is a piece of the code of examples/ or go/
+// (indentation aside), so that the docs only show code that compiles and
+// that the examples and tests run.
 func TestREADME(t *testing.T) {
-	readme, err := os.ReadFile(filepath.Join("..", "README.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	var sources [][]string
-	err = filepath.WalkDir(".", func(path string, d os.DirEntry, err error) error {
-		if err != nil || d.IsDir() || !strings.HasSuffix(path, ".go") {
-			return err
-		}
-		b, err := os.ReadFile(path)
+	for _, root := range []string{".", filepath.Join("..", "go")} {
+		err := filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+			if err != nil || d.IsDir() || !strings.HasSuffix(path, ".go") {
+				return err
+			}
+			b, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			sources = append(sources, trimmedLines(string(b)))
+			return nil
+		})
 		if err != nil {
-			return err
+			t.Fatal(err)
 		}
-		sources = append(sources, trimmedLines(string(b)))
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
 	}
-	snippets := goSnippets(string(readme))
-	if len(snippets) == 0 {
-		t.Fatal("no Go snippet in README.md")
-	}
-	for _, snippet := range snippets {
-		want := trimmedLines(snippet)
-		if !slices.ContainsFunc(sources, func(src []string) bool { return containsRun(src, want) }) {
-			t.Errorf("README.md shows code found in no .go file of examples/:\n%s", snippet)
+	for _, doc := range []string{"README.md", filepath.Join("docs", "operators.md")} {
+		md, err := os.ReadFile(filepath.Join("..", doc))
+		if err != nil {
+			t.Fatal(err)
+		}
+		snippets := goSnippets(string(md))
+		if len(snippets) == 0 {
+			t.Fatalf("no Go snippet in %s", doc)
+		}
+		for _, snippet := range snippets {
+			want := trimmedLines(snippet)
+			if !slices.ContainsFunc(sources, func(src []string) bool { return containsRun(src, want) }) {
+				t.Errorf("%s shows code found in no .go file of examples/ or go/:\n%s", doc, snippet)
+			}
 		}
 	}
 }

@@ -1,92 +1,161 @@
 // Command operator is the operator side of the examples as it looks in a
 // real operator: a controller-runtime manager runs the plugin server, and a
-// reconciler asks the "validator" plugin about every ConfigMap. It needs a
-// cluster; ../demo runs both sides without one.
+// reconciler asks a plugin about every ConfigMap that names one in its
+// validate.example.com/plugin annotation, then writes the verdict into the
+// validate.example.com/verdict annotation.
+//
+// It takes the flags the manifests in config/ pass (config/sidecar,
+// config/builtin, config/kube-rbac-proxy). Without a cluster, -envtest runs
+// it against a local kube-apiserver and etcd (docs/operators.md, "Run the
+// example locally"):
+//
+//	go run mage.go k8s:binaries   # once, from the repository root
+//	go run ./operator -envtest -plugin-server-address unix:///tmp/opf.sock
+//	go run ./plugin -operator unix:///tmp/opf.sock
 package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"os"
+	"strings"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
-	"github.com/guilhem/operator-plugin-framework/go/registry"
+	"github.com/guilhem/operator-plugin-framework/go/auth"
+	"github.com/guilhem/operator-plugin-framework/go/health"
 	"github.com/guilhem/operator-plugin-framework/go/server"
-
-	demov1 "github.com/guilhem/operator-plugin-framework/examples/gen/demo/v1"
 )
 
-func main() {
-	addr := flag.String("plugin-address", "unix:///var/run/plugins/operator.sock",
-		"where plugins connect: unix:///path, tcp://host:port or host:port")
-	opts := zap.Options{}
-	opts.BindFlags(flag.CommandLine)
-	flag.Parse()
-	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&opts)))
+// options are the command's flags.
+type options struct {
+	pluginServerAddress string
+	tlsCert, tlsKey     string
+	tokenAudiences      string
+	behindProxy         bool
+	maxTunnelAge        time.Duration
+	leaderElect         bool
+	probeAddress        string
+	metricsAddress      string
+	envtest             bool
+	envtestKubeconfig   string
+	zap                 zap.Options
+}
 
-	if err := run(*addr); err != nil {
+func bindFlags(fs *flag.FlagSet) *options {
+	o := &options{}
+	fs.StringVar(&o.pluginServerAddress, "plugin-server-address", "unix:///var/run/plugins/operator.sock",
+		"where plugins connect: unix:///path, tcp://host:port or host:port")
+	fs.StringVar(&o.tlsCert, "plugin-server-tls-cert", "", "serve plugins over TLS with this certificate (and -plugin-server-tls-key)")
+	fs.StringVar(&o.tlsKey, "plugin-server-tls-key", "", "the key of -plugin-server-tls-cert")
+	fs.StringVar(&o.tokenAudiences, "plugin-token-audience", "",
+		"authenticate plugins by their ServiceAccount token for these audiences (comma-separated), with TokenReview and SubjectAccessReview")
+	fs.BoolVar(&o.behindProxy, "plugin-server-behind-proxy", false,
+		"trust the identity kube-rbac-proxy passes in headers (serve on loopback only)")
+	fs.DurationVar(&o.maxTunnelAge, "plugin-max-tunnel-age", 0, "drain each tunnel after this long (0: never)")
+	fs.BoolVar(&o.leaderElect, "leader-elect", false, "elect a leader among the replicas: only it reconciles; every replica serves plugins")
+	fs.StringVar(&o.probeAddress, "health-probe-bind-address", ":8081", "where /healthz and /readyz are served (0 to disable)")
+	fs.StringVar(&o.metricsAddress, "metrics-bind-address", "0", "where /metrics is served (0 to disable)")
+	fs.BoolVar(&o.envtest, "envtest", false,
+		"run against a local kube-apiserver and etcd from KUBEBUILDER_ASSETS or .cache/k8s/bin, with a sample ConfigMap")
+	fs.StringVar(&o.envtestKubeconfig, "envtest-kubeconfig", "/tmp/opf-envtest.kubeconfig", "with -envtest, where to write a kubeconfig for kubectl")
+	o.zap.BindFlags(fs)
+	return o
+}
+
+func main() {
+	o := bindFlags(flag.CommandLine)
+	flag.Parse()
+	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&o.zap)))
+
+	if err := run(ctrl.SetupSignalHandler(), o); err != nil {
 		ctrl.Log.Error(err, "operator failed")
 		os.Exit(1)
 	}
 }
 
-func run(addr string) error {
-	mgr, err := ctrl.NewManager(ctrl.GetConfigOrDie(), ctrl.Options{})
+func run(ctx context.Context, o *options) error {
+	cfg, err := restConfig(ctx, o)
+	if err != nil {
+		return err
+	}
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
+		LeaderElection:         o.leaderElect,
+		LeaderElectionID:       "opf-example-operator",
+		HealthProbeBindAddress: o.probeAddress,
+		Metrics:                metricsserver.Options{BindAddress: o.metricsAddress},
+	})
 	if err != nil {
 		return err
 	}
 
-	srv, err := server.New(addr)
+	opts, err := o.serverOptions(cfg)
+	if err != nil {
+		return err
+	}
+	srv, err := server.New(o.pluginServerAddress, opts...)
 	if err != nil {
 		return err
 	}
 	if err := mgr.Add(srv); err != nil { // serves plugins while the manager runs
 		return err
 	}
-
-	err = ctrl.NewControllerManagedBy(mgr).
-		For(&corev1.ConfigMap{}).
-		Complete(&ConfigMapValidator{Client: mgr.GetClient(), Plugins: srv.GetRegistry()})
-	if err != nil {
+	if err := mgr.AddHealthzCheck("plugin-server", health.Listening(srv)); err != nil {
 		return err
 	}
-	return mgr.Start(ctrl.SetupSignalHandler())
+	if err := mgr.AddReadyzCheck("plugin-server", health.Listening(srv)); err != nil {
+		return err
+	}
+	if err := setup(ctx, mgr, srv.GetRegistry()); err != nil {
+		return err
+	}
+	return mgr.Start(ctx)
 }
 
-// ConfigMapValidator asks the "validator" plugin about every ConfigMap.
-type ConfigMapValidator struct {
-	client.Client
-	Plugins *registry.Registry
+// serverOptions turns the security flags into server options
+// (docs/security.md).
+func (o *options) serverOptions(cfg *rest.Config) ([]server.Option, error) {
+	var opts []server.Option
+	switch {
+	case o.behindProxy && o.tokenAudiences != "":
+		return nil, errors.New("-plugin-server-behind-proxy and -plugin-token-audience exclude each other: the proxy checks the tokens")
+	case o.behindProxy, o.tokenAudiences != "":
+		kc, err := kubernetes.NewForConfig(cfg)
+		if err != nil {
+			return nil, err
+		}
+		if o.behindProxy {
+			opts, err = auth.BehindKubeRBACProxy(kc)
+		} else {
+			opts, err = auth.BuiltIn(kc, strings.Split(o.tokenAudiences, ","))
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	if (o.tlsCert == "") != (o.tlsKey == "") {
+		return nil, errors.New("-plugin-server-tls-cert and -plugin-server-tls-key go together")
+	}
+	if o.tlsCert != "" {
+		opts = append(opts, server.WithTLS(o.tlsCert, o.tlsKey))
+	}
+	if o.maxTunnelAge > 0 {
+		opts = append(opts, server.WithMaxTunnelAge(o.maxTunnelAge))
+	}
+	return opts, nil
 }
 
-// Reconcile validates one ConfigMap through the plugin.
-func (r *ConfigMapValidator) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
-	var cm corev1.ConfigMap
-	if err := r.Get(ctx, req.NamespacedName, &cm); err != nil {
-		return ctrl.Result{}, client.IgnoreNotFound(err)
+// restConfig is the cluster's configuration, or a local API server's with
+// -envtest.
+func restConfig(ctx context.Context, o *options) (*rest.Config, error) {
+	if o.envtest {
+		return startEnvtest(ctx, o.envtestKubeconfig)
 	}
-
-	p, err := r.Plugins.Get("validator")
-	if err != nil { // registry.ErrNotFound: no instance connected yet
-		return ctrl.Result{RequeueAfter: 10 * time.Second}, nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second) // reaches the plugin
-	defer cancel()
-	resp, err := demov1.NewValidatorServiceClient(p).Validate(ctx, &demov1.ValidateRequest{
-		Resource: &demov1.Resource{Kind: "ConfigMap", Namespace: cm.Namespace, Name: cm.Name, Labels: cm.Labels},
-	})
-	if err != nil {
-		return ctrl.Result{}, err // a gRPC status, as from any gRPC server
-	}
-
-	for _, v := range resp.GetVerdict().GetViolations() {
-		log.FromContext(ctx).Info("ConfigMap breaks a rule", "rule", v.GetRule(), "problem", v.GetMessage())
-	}
-	return ctrl.Result{}, nil
+	return ctrl.GetConfig()
 }

@@ -1,19 +1,16 @@
 package registry
 
 import (
-	"errors"
-	"io"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 )
 
 // Metrics, served with controller-runtime's own on the manager's metrics
-// endpoint.
+// endpoint. Every call is counted once, whatever its kind and however it
+// ends (see call).
 var (
 	instancesGauge = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: "plugin_framework",
@@ -41,26 +38,4 @@ func init() {
 func observe(plugin, method string, start time.Time, err error) {
 	callsTotal.WithLabelValues(plugin, method, status.Code(err).String()).Inc()
 	callSeconds.WithLabelValues(plugin, method).Observe(time.Since(start).Seconds())
-}
-
-// observedStream records a streaming call when its caller sees its end.
-type observedStream struct {
-	grpc.ClientStream
-	plugin, method string
-	start          time.Time
-	once           sync.Once
-}
-
-func (s *observedStream) RecvMsg(m any) error {
-	err := s.ClientStream.RecvMsg(m)
-	if err != nil {
-		s.once.Do(func() {
-			if errors.Is(err, io.EOF) {
-				observe(s.plugin, s.method, s.start, nil)
-			} else {
-				observe(s.plugin, s.method, s.start, err)
-			}
-		})
-	}
-	return err
 }

@@ -3,26 +3,47 @@ package registry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
+
+	"github.com/guilhem/operator-plugin-framework/go/internal/callerr"
 )
 
-// ErrNotFound is returned by Get when no instance of a plugin is connected.
+// ErrNotFound is what Get's error wraps when no instance of a plugin is
+// connected.
 var ErrNotFound = errors.New("plugin not connected")
 
 // ErrRefused is what a Conn's error wraps when the Conn turned a call away
 // before sending any of it: it stopped accepting calls (it began to drain,
 // or closed) between the registry's choice and the call. The call cannot
 // have run, so the registry chooses another instance for it.
-var ErrRefused = errors.New("plugin instance no longer accepts calls")
+var ErrRefused = callerr.ErrRefused
+
+// Plugins is what a reconciler needs from the registry: *Registry
+// implements it, and a reconciler that holds a Plugins rather than a
+// *Registry can be given a fake in tests (NewProvider makes a provider from
+// any connection). The test kit, package plugintest, gives a real one.
+type Plugins interface {
+	// Get returns a handle on the plugin called name, or an error wrapping
+	// ErrNotFound while no instance of it is connected.
+	Get(name string, opts ...Option) (*PluginProvider, error)
+	// Wait returns a handle on the plugin called name once an instance of
+	// it accepts calls, or an error when ctx ends first.
+	Wait(ctx context.Context, name string, opts ...Option) (*PluginProvider, error)
+}
+
+var _ Plugins = (*Registry)(nil)
 
 // Conn is one instance's tunnel, as the registry needs it. A call it turns
 // away without sending any of it fails with an error wrapping ErrRefused.
+//
+// A Conn that also has an Err() error method (the server's tunnels do) is
+// asked, when its instance leaves, why it closed: calls made while no
+// instance is connected then say why the last one left.
 type Conn interface {
 	grpc.ClientConnInterface
 	// InFlight is the number of calls open on the tunnel.
@@ -35,9 +56,12 @@ type Conn interface {
 // Instance describes one connected plugin instance.
 type Instance struct {
 	// ID is unique among all instances the registry has seen.
-	ID       string
-	Name     string
-	Version  string
+	ID      string
+	Name    string
+	Version string
+	// Services are the full names of the gRPC services the instance
+	// serves ("demo.v1.ValidatorService"); calls go only to instances
+	// that serve the call's service.
 	Services []string
 	Labels   map[string]string
 	// Identity is who the plugin authenticated as, if anyone.
@@ -50,30 +74,45 @@ type entry struct {
 	conn Conn
 }
 
+// maxDepartures bounds how many plugin names the registry remembers the
+// last departure of (names come from plugins, which could invent many).
+const maxDepartures = 256
+
 // Registry holds the plugins connected to a server. It is safe for
 // concurrent use.
 type Registry struct {
+	cfg config // the options every provider starts from
+
 	mu       sync.Mutex
 	byName   map[string][]*entry // newest last
+	departed map[string]string   // name -> why its last instance left, while none is connected
 	changed  chan struct{}       // closed and replaced on every change
 	watchers map[*watcher]struct{}
 }
 
-// New returns an empty registry.
-func New() *Registry {
+// New returns an empty registry whose providers all use opts (interceptors,
+// stats handlers, default call options and timeout, filters). Give it to
+// the server with server.WithRegistry:
+//
+//	reg := registry.New(registry.WithStatsHandler(otelgrpc.NewClientHandler()))
+//	srv, err := server.New(addr, server.WithRegistry(reg))
+func New(opts ...Option) *Registry {
 	return &Registry{
+		cfg:      config{}.with(opts),
 		byName:   map[string][]*entry{},
+		departed: map[string]string{},
 		changed:  make(chan struct{}),
 		watchers: map[*watcher]struct{}{},
 	}
 }
 
 // Add records a connected instance; remove forgets it. The server calls
-// these; other code does not need to.
+// these; other code does not need to, except to fake instances in tests.
 func (r *Registry) Add(inst Instance, conn Conn) (remove func()) {
 	e := &entry{Instance: inst, conn: conn}
 	r.mu.Lock()
 	r.byName[inst.Name] = append(r.byName[inst.Name], e)
+	delete(r.departed, inst.Name)
 	instancesGauge.WithLabelValues(inst.Name).Inc()
 	r.notifyLocked(Event{Type: Registered, Instance: inst})
 	r.mu.Unlock()
@@ -82,6 +121,12 @@ func (r *Registry) Add(inst Instance, conn Conn) (remove func()) {
 }
 
 func (r *Registry) remove(e *entry) {
+	reason := "drained"
+	if ec, ok := e.conn.(interface{ Err() error }); ok {
+		if err := ec.Err(); err != nil {
+			reason = errorMessage(err)
+		}
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	list := r.byName[e.Name]
@@ -92,10 +137,19 @@ func (r *Registry) remove(e *entry) {
 	list = slices.Delete(list, i, i+1)
 	if len(list) == 0 {
 		delete(r.byName, e.Name)
+		// No series is left behind for a plugin that is gone.
+		instancesGauge.DeleteLabelValues(e.Name)
+		if len(r.departed) >= maxDepartures {
+			for name := range r.departed { // any one
+				delete(r.departed, name)
+				break
+			}
+		}
+		r.departed[e.Name] = fmt.Sprintf("its last instance, %s, left: %s", e.ID, reason)
 	} else {
 		r.byName[e.Name] = list
+		instancesGauge.WithLabelValues(e.Name).Dec()
 	}
-	instancesGauge.WithLabelValues(e.Name).Dec()
 	r.notifyLocked(Event{Type: Unregistered, Instance: e.Instance})
 }
 
@@ -108,30 +162,33 @@ func (r *Registry) notifyLocked(ev Event) {
 	}
 }
 
-// Get returns a handle on the plugin called name, or ErrNotFound when no
-// instance of it is connected. The handle stays valid: each call goes to
-// whichever instance is connected when it starts.
-func (r *Registry) Get(name string) (*PluginProvider, error) {
+// Get returns a handle on the plugin called name, or an error wrapping
+// ErrNotFound when no instance of it (none that opts keep, with a filter)
+// is connected. The handle stays valid: each call goes to whichever
+// suitable instance is connected when it starts.
+func (r *Registry) Get(name string, opts ...Option) (*PluginProvider, error) {
+	p := r.Plugin(name, opts...)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if len(r.byName[name]) == 0 {
-		return nil, ErrNotFound
+	if !slices.ContainsFunc(r.byName[name], func(e *entry) bool { return p.cfg.keep(e.Instance) }) {
+		return nil, fmt.Errorf("plugin %q: %w", name, ErrNotFound)
 	}
-	return &PluginProvider{name: name, r: r}, nil
+	return p, nil
 }
 
 // Plugin returns a handle on the plugin called name whether or not it is
 // connected now. Calls fail with UNAVAILABLE while no instance is
 // connected, or wait for one with grpc.WaitForReady(true).
-func (r *Registry) Plugin(name string) *PluginProvider {
-	return &PluginProvider{name: name, r: r}
+func (r *Registry) Plugin(name string, opts ...Option) *PluginProvider {
+	return &PluginProvider{name: name, cfg: r.cfg.with(opts), r: r}
 }
 
-// Wait returns a handle on the plugin called name once an instance of it is
-// connected and accepting calls, or ctx's error.
-func (r *Registry) Wait(ctx context.Context, name string) (*PluginProvider, error) {
-	p := &PluginProvider{name: name, r: r}
-	if _, err := p.pick(ctx, true); err != nil {
+// Wait returns a handle on the plugin called name once an instance of it
+// (one that opts keep) is connected and accepting calls, or an error when
+// ctx ends first, with the code of ctx's error and what was missing.
+func (r *Registry) Wait(ctx context.Context, name string, opts ...Option) (*PluginProvider, error) {
+	p := r.Plugin(name, opts...)
+	if _, err := p.pick(ctx, "", true); err != nil {
 		return nil, err
 	}
 	return p, nil
@@ -158,124 +215,4 @@ func (r *Registry) List() []Instance {
 		return a.ConnectedAt.Compare(b.ConnectedAt)
 	})
 	return out
-}
-
-// PluginProvider calls one plugin by name through whichever of its
-// instances is connected. It implements grpc.ClientConnInterface, so
-// generated clients take it as they take a *grpc.ClientConn:
-//
-//	p, err := reg.Get("validator")
-//	client := validatorv1.NewValidatorServiceClient(p)
-type PluginProvider struct {
-	name string
-	r    *Registry
-}
-
-var _ grpc.ClientConnInterface = (*PluginProvider)(nil)
-
-// Name is the plugin's name.
-func (p *PluginProvider) Name() string { return p.name }
-
-// Instances lists the plugin's connected instances, oldest first.
-func (p *PluginProvider) Instances() []Instance {
-	p.r.mu.Lock()
-	defer p.r.mu.Unlock()
-	list := p.r.byName[p.name]
-	out := make([]Instance, len(list))
-	for i, e := range list {
-		out[i] = e.Instance
-	}
-	return out
-}
-
-// maxRefusals bounds how often one call is sent elsewhere after an
-// instance refused it (each refusal comes from a different instance, which
-// the registry no longer picks).
-const maxRefusals = 8
-
-// Invoke performs a unary call on the least busy instance.
-func (p *PluginProvider) Invoke(ctx context.Context, method string, args, reply any, opts ...grpc.CallOption) (err error) {
-	start := time.Now()
-	defer func() { observe(p.name, method, start, err) }()
-	for range maxRefusals {
-		var c Conn
-		if c, err = p.pick(ctx, waitForReady(opts)); err != nil {
-			return err
-		}
-		if err = c.Invoke(ctx, method, args, reply, opts...); !errors.Is(err, ErrRefused) {
-			return err
-		}
-	}
-	return err
-}
-
-// NewStream opens a streaming call on the least busy instance.
-func (p *PluginProvider) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-	start := time.Now()
-	var err error
-	for range maxRefusals {
-		var c Conn
-		if c, err = p.pick(ctx, waitForReady(opts)); err != nil {
-			break
-		}
-		var cs grpc.ClientStream
-		if cs, err = c.NewStream(ctx, desc, method, opts...); err == nil {
-			return &observedStream{ClientStream: cs, plugin: p.name, method: method, start: start}, nil
-		}
-		if !errors.Is(err, ErrRefused) {
-			break
-		}
-	}
-	observe(p.name, method, start, err)
-	return nil, err
-}
-
-// pick chooses the instance with the fewest calls in flight, the newest on
-// a tie (during a rolling upgrade the new version takes the load). With
-// wait it waits for an instance instead of failing.
-func (p *PluginProvider) pick(ctx context.Context, wait bool) (Conn, error) {
-	for {
-		p.r.mu.Lock()
-		var best Conn
-		bestLoad := 0
-		list := p.r.byName[p.name]
-		for i := len(list) - 1; i >= 0; i-- {
-			c := list[i].conn
-			if !c.Accepting() {
-				continue
-			}
-			if n := c.InFlight(); best == nil || n < bestLoad {
-				best, bestLoad = c, n
-			}
-		}
-		changed := p.r.changed
-		p.r.mu.Unlock()
-		if best != nil {
-			return best, nil
-		}
-		if !wait {
-			return nil, status.Errorf(codes.Unavailable, "plugin %q is not connected", p.name)
-		}
-		// A draining instance leaves the registry when its tunnel closes;
-		// poll as well, since draining itself is not a registry change.
-		timer := time.NewTimer(50 * time.Millisecond)
-		select {
-		case <-changed:
-		case <-timer.C:
-		case <-ctx.Done():
-			timer.Stop()
-			return nil, status.FromContextError(ctx.Err()).Err()
-		}
-		timer.Stop()
-	}
-}
-
-func waitForReady(opts []grpc.CallOption) bool {
-	wait := false
-	for _, o := range opts {
-		if ff, ok := o.(grpc.FailFastCallOption); ok {
-			wait = !ff.FailFast
-		}
-	}
-	return wait
 }

@@ -14,6 +14,9 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
+// svc lists the service of the tests' method "/s/m".
+var svc = []string{"s"}
+
 // conn is an instance's connection as the registry sees it; calls record
 // which instance took them.
 type conn struct {
@@ -22,7 +25,12 @@ type conn struct {
 	accepting bool
 	refuse    bool // starts draining just as a call comes
 	calls     *[]string
+	err       error // what Err reports once the instance left
+	ctx       context.Context
+	opts      []grpc.CallOption
 }
+
+func (c *conn) Err() error { return c.err }
 
 func (c *conn) call() error {
 	*c.calls = append(*c.calls, c.name)
@@ -33,7 +41,8 @@ func (c *conn) call() error {
 	return nil
 }
 
-func (c *conn) Invoke(_ context.Context, _ string, _, _ any, _ ...grpc.CallOption) error {
+func (c *conn) Invoke(ctx context.Context, _ string, _, _ any, opts ...grpc.CallOption) error {
+	c.ctx, c.opts = ctx, opts
 	return c.call()
 }
 
@@ -49,8 +58,8 @@ func TestPickLeastBusyThenNewest(t *testing.T) {
 	var calls []string
 	old := &conn{name: "old", accepting: true, calls: &calls}
 	young := &conn{name: "young", accepting: true, calls: &calls}
-	r.Add(Instance{ID: "1", Name: "p"}, old)
-	r.Add(Instance{ID: "2", Name: "p"}, young)
+	r.Add(Instance{ID: "1", Name: "p", Services: svc}, old)
+	r.Add(Instance{ID: "2", Name: "p", Services: svc}, young)
 	p, err := r.Get("p")
 	if err != nil {
 		t.Fatal(err)
@@ -76,8 +85,8 @@ func TestPickLeastBusyThenNewest(t *testing.T) {
 func TestRefusedCallsGoElsewhere(t *testing.T) {
 	r := New()
 	var calls []string
-	r.Add(Instance{ID: "1", Name: "p"}, &conn{name: "steady", accepting: true, calls: &calls})
-	r.Add(Instance{ID: "2", Name: "p"}, &conn{name: "draining", accepting: true, refuse: true, calls: &calls})
+	r.Add(Instance{ID: "1", Name: "p", Services: svc}, &conn{name: "steady", accepting: true, calls: &calls})
+	r.Add(Instance{ID: "2", Name: "p", Services: svc}, &conn{name: "draining", accepting: true, refuse: true, calls: &calls})
 	p := r.Plugin("p")
 	if err := p.Invoke(context.Background(), "/s/m", nil, nil); err != nil {
 		t.Fatal(err)
@@ -94,8 +103,8 @@ func TestRefusedCallsGoElsewhere(t *testing.T) {
 func TestRemoveIsPerInstance(t *testing.T) {
 	r := New()
 	var calls []string
-	removeA := r.Add(Instance{ID: "a", Name: "p"}, &conn{name: "a", accepting: true, calls: &calls})
-	r.Add(Instance{ID: "b", Name: "p"}, &conn{name: "b", accepting: true, calls: &calls})
+	removeA := r.Add(Instance{ID: "a", Name: "p", Services: svc}, &conn{name: "a", accepting: true, calls: &calls})
+	r.Add(Instance{ID: "b", Name: "p", Services: svc}, &conn{name: "b", accepting: true, calls: &calls})
 	removeA()
 	removeA() // idempotent: must not remove b
 	list := r.List()
@@ -107,17 +116,17 @@ func TestRemoveIsPerInstance(t *testing.T) {
 func TestWatchCoalescesForSlowReaders(t *testing.T) {
 	r := New()
 	var calls []string
-	r.Add(Instance{ID: "before", Name: "p"}, &conn{accepting: true, calls: &calls})
+	r.Add(Instance{ID: "before", Name: "p", Services: svc}, &conn{accepting: true, calls: &calls})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	events := r.Watch(ctx)
 	// Many instances come and go before the watcher reads anything: only
 	// what is still true is queued.
 	for i := range 1000 {
-		remove := r.Add(Instance{ID: string(rune('a'+i%26)) + time.Now().String(), Name: "q"}, &conn{calls: &calls})
+		remove := r.Add(Instance{ID: string(rune('a'+i%26)) + time.Now().String(), Name: "q", Services: svc}, &conn{calls: &calls})
 		remove()
 	}
-	r.Add(Instance{ID: "after", Name: "p"}, &conn{accepting: true, calls: &calls})
+	r.Add(Instance{ID: "after", Name: "p", Services: svc}, &conn{accepting: true, calls: &calls})
 	var got []string
 	for range 2 {
 		select {
@@ -145,7 +154,7 @@ func TestWaitReturnsOnRegistration(t *testing.T) {
 	var calls []string
 	go func() {
 		time.Sleep(20 * time.Millisecond)
-		r.Add(Instance{ID: "1", Name: "p"}, &conn{accepting: true, calls: &calls})
+		r.Add(Instance{ID: "1", Name: "p", Services: svc}, &conn{accepting: true, calls: &calls})
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

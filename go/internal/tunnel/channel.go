@@ -20,7 +20,7 @@ import (
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/guilhem/operator-plugin-framework/go/registry"
+	"github.com/guilhem/operator-plugin-framework/go/internal/callerr"
 )
 
 // The caller side: a Tunnel is a grpc.ClientConnInterface, so generated
@@ -187,15 +187,16 @@ func (t *Tunnel) acceptingErr() (chan struct{}, error) {
 func (t *Tunnel) unavailable() error { return refused("plugin tunnel closed") }
 
 // refusedError is an UNAVAILABLE status for a call turned away before any
-// of it was sent. It matches registry.ErrRefused, so that the registry
-// sends the call to another instance: the call cannot have run.
+// of it was sent. It matches callerr.ErrRefused (registry.ErrRefused), so
+// that the registry sends the call to another instance: the call cannot
+// have run.
 type refusedError struct{ st *status.Status }
 
 func refused(msg string) error { return refusedError{status.New(codes.Unavailable, msg)} }
 
 func (e refusedError) Error() string              { return e.st.Err().Error() }
 func (e refusedError) GRPCStatus() *status.Status { return e.st }
-func (e refusedError) Unwrap() error              { return registry.ErrRefused }
+func (e refusedError) Unwrap() error              { return callerr.ErrRefused }
 
 var unaryDesc = &grpc.StreamDesc{}
 
