@@ -53,12 +53,18 @@ func BuiltIn(kc kubernetes.Interface, audiences []string) ([]server.Option, erro
 // proxy's headers (ProxyHeaders), RegistrationPolicy (cluster-wide)
 // decides the plugin names, tunnels live at most ProxyMaxTunnelAge, and
 // only the proxy may connect (server.WithLocalProxy): serve on exactly
-// "127.0.0.1:PORT" without TLS, and give the user id the proxy's container
-// runs as (its securityContext.runAsUser, which no other container of the
-// pod should share), or server.AnyUID to check only the address. kc acts
-// as the operator's ServiceAccount, which needs "create" on
-// subjectaccessreviews. docs/security.md says what is trusted, and why.
-func BehindKubeRBACProxy(kc kubernetes.Interface, proxyUID int) ([]server.Option, error) {
+// "127.0.0.1:PORT" without TLS. Give the user id the proxy's container
+// runs as with ProxyUID (its securityContext.runAsUser, which no other
+// container of the pod should share): without it only the connection's
+// addresses are checked, and any process of the pod can claim any
+// identity by connecting from 127.0.0.1. kc acts as the operator's
+// ServiceAccount, which needs "create" on subjectaccessreviews.
+// docs/security.md says what is trusted, and why.
+func BehindKubeRBACProxy(kc kubernetes.Interface, opts ...ProxyOption) ([]server.Option, error) {
+	cfg := proxyConfig{uid: server.AnyUID}
+	for _, o := range opts {
+		o(&cfg)
+	}
 	authz, err := NewAuthorizer(kc.AuthorizationV1().SubjectAccessReviews(), AuthorizerConfig{})
 	if err != nil {
 		return nil, err
@@ -66,7 +72,18 @@ func BehindKubeRBACProxy(kc kubernetes.Interface, proxyUID int) ([]server.Option
 	return []server.Option{
 		server.WithAuthenticator(ProxyHeaders(ProxyHeadersConfig{})),
 		server.WithRegistrationPolicy(RegistrationPolicy(authz, "")),
-		server.WithLocalProxy(proxyUID),
+		server.WithLocalProxy(cfg.uid),
 		server.WithMaxTunnelAge(ProxyMaxTunnelAge),
 	}, nil
+}
+
+// ProxyOption configures BehindKubeRBACProxy.
+type ProxyOption func(*proxyConfig)
+
+type proxyConfig struct{ uid int }
+
+// ProxyUID names the user kube-rbac-proxy runs as: the server accepts
+// connections only from sockets of that user (server.WithLocalProxy).
+func ProxyUID(uid int) ProxyOption {
+	return func(c *proxyConfig) { c.uid = uid }
 }

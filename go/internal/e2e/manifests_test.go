@@ -242,8 +242,8 @@ func TestManifests(t *testing.T) {
 				// The server accepts only the proxy's user: no other
 				// container may run as it.
 				uid := runAsUser(t, &d, "kube-rbac-proxy")
-				if v, _ := flag(manager.Args, "plugin-proxy-uid"); v != fmt.Sprint(uid) {
-					t.Errorf("--plugin-proxy-uid=%s, the proxy runs as %d", v, uid)
+				if v := env(manager, "PLUGIN_PROXY_UID"); v != fmt.Sprint(uid) {
+					t.Errorf("PLUGIN_PROXY_UID=%q, the proxy runs as %d", v, uid)
 				}
 				for _, c := range d.Spec.Template.Spec.Containers {
 					if c.Name != "kube-rbac-proxy" && runAsUser(t, &d, c.Name) == uid {
@@ -273,6 +273,16 @@ func rulesEqual(a, b []rbacv1.PolicyRule) bool {
 			slices.Equal(x.ResourceNames, y.ResourceNames) && slices.Equal(x.Verbs, y.Verbs) &&
 			slices.Equal(x.NonResourceURLs, y.NonResourceURLs)
 	})
+}
+
+// env is the value of a container's environment variable.
+func env(c *corev1.Container, name string) string {
+	for _, e := range c.Env {
+		if e.Name == name {
+			return e.Value
+		}
+	}
+	return ""
 }
 
 // runAsUser is the user a container runs as, from its security context or

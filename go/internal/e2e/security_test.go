@@ -168,7 +168,7 @@ func startBuiltIn(t *testing.T, c *cluster, extra ...server.Option) *endpoint {
 func startBehindProxy(t *testing.T, c *cluster, extra ...server.Option) *endpoint {
 	t.Helper()
 	uid := proxyUID(t)
-	opts, err := auth.BehindKubeRBACProxy(operatorClient(c), uid)
+	opts, err := auth.BehindKubeRBACProxy(operatorClient(c), auth.ProxyUID(uid))
 	if err != nil {
 		t.Fatal(err)
 	}
