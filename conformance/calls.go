@@ -36,6 +36,9 @@ type bgCall struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	res    callResult
+	// Calls repeated for a while: err is their verdict.
+	repeated bool
+	err      error
 }
 
 // requests builds a call's request messages.
@@ -157,7 +160,7 @@ func doCall(ctx context.Context, conn grpc.ClientConnInterface, cs *CallStep, ho
 		}
 	case "ServerStream":
 		var stream grpc.ServerStreamingClient[conformancev1.ServerStreamResponse]
-		stream, callErr = client.ServerStream(ctx, reqs[0].(*conformancev1.ServerStreamRequest))
+		stream, callErr = serverStream(ctx, conn, reqs[0])
 		if callErr == nil {
 			waitHold()
 			for {
@@ -212,6 +215,24 @@ func doCall(ctx context.Context, conn grpc.ClientConnInterface, cs *CallStep, ho
 	return res
 }
 
+// serverStream opens a ServerStream call. Unlike the generated client, it
+// ignores the io.EOF of a request sent after the call ended (as gRPC's
+// SendMsg reports it), so that Recv gives the call's real status.
+func serverStream(ctx context.Context, conn grpc.ClientConnInterface, req proto.Message) (grpc.ServerStreamingClient[conformancev1.ServerStreamResponse], error) {
+	desc := &conformancev1.ConformanceService_ServiceDesc.Streams[0]
+	cs, err := conn.NewStream(ctx, desc, conformancev1.ConformanceService_ServerStream_FullMethodName)
+	if err != nil {
+		return nil, err
+	}
+	if err := cs.SendMsg(req); err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	if err := cs.CloseSend(); err != nil {
+		return nil, err
+	}
+	return &grpc.GenericClientStream[conformancev1.ServerStreamRequest, conformancev1.ServerStreamResponse]{ClientStream: cs}, nil
+}
+
 // bidi sends each request and reads the responses its action asks for
 // before the next; then half-closes and reads to the end.
 func bidi(stream grpc.BidiStreamingClient[conformancev1.BidiStreamRequest, conformancev1.BidiStreamResponse], reqs []proto.Message, res *callResult, hold <-chan struct{}) error {
@@ -223,7 +244,7 @@ func bidi(stream grpc.BidiStreamingClient[conformancev1.BidiStreamRequest, confo
 		if hold != nil {
 			continue
 		}
-		for range req.GetAction().GetResponseCount() {
+		for range responsesOf(req.GetAction()) {
 			resp, err := stream.Recv()
 			if err != nil {
 				return err
@@ -242,6 +263,14 @@ func bidi(stream grpc.BidiStreamingClient[conformancev1.BidiStreamRequest, confo
 		}
 		res.responses = append(res.responses, resp)
 	}
+}
+
+// responsesOf is how many responses an action asks a stream to send.
+func responsesOf(a *conformancev1.Action) int {
+	if n := len(a.GetResponseSizes()); n > 0 {
+		return n
+	}
+	return int(a.GetResponseCount())
 }
 
 // check compares a call's result with what the case expects.
@@ -374,6 +403,40 @@ func parallel(ctx context.Context, conn grpc.ClientConnInterface, cs *CallStep) 
 		if got := len(processIDs(all)); got < want {
 			return fmt.Errorf("answers came from %d plugin processes, want at least %d", got, want)
 		}
+	}
+	return nil
+}
+
+// repeatCalls makes the call again and again for cs.RepeatFor, Parallel at
+// a time, and checks every one; it stops early when ctx ends.
+func repeatCalls(ctx context.Context, conn grpc.ClientConnInterface, cs *CallStep) error {
+	end := time.Now().Add(time.Duration(cs.RepeatFor))
+	var mu sync.Mutex
+	var errs []string
+	made, failed := 0, 0
+	var wg sync.WaitGroup
+	for range max(cs.Parallel, 1) {
+		wg.Go(func() {
+			for time.Now().Before(end) && ctx.Err() == nil {
+				err := cs.Expect.check(doCall(ctx, conn, cs, nil))
+				mu.Lock()
+				made++
+				if err != nil && ctx.Err() == nil {
+					failed++
+					if len(errs) < 3 {
+						errs = append(errs, fmt.Sprintf("call %d: %v", made, err))
+					}
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if failed > 0 {
+		return fmt.Errorf("%d of %d calls failed: %s", failed, made, strings.Join(errs, "; "))
+	}
+	if made == 0 {
+		return errors.New("no call made")
 	}
 	return nil
 }

@@ -34,7 +34,10 @@ type Case struct {
 	Plugin   PluginSpec   `yaml:"plugin"`
 	// Timeout bounds the whole case. Default 60 s.
 	Timeout Duration `yaml:"timeout"`
-	Steps   []Step   `yaml:"steps"`
+	// Exclusive runs the case alone, not beside others (--parallel): it
+	// moves much data or checks tight timings.
+	Exclusive bool   `yaml:"exclusive"`
+	Steps     []Step `yaml:"steps"`
 
 	file string
 }
@@ -61,7 +64,34 @@ type OperatorSpec struct {
 	// TLS makes the server serve TLS with a certificate of a throw-away CA,
 	// handed to the plugin (OPF_CONFORMANCE_TLS_CA, _SERVER_NAME).
 	TLS bool `yaml:"tls"`
+	// ReplicaID and ReplicaCount are the server's WithReplica (its Hello's
+	// replica_id and replica_count); an empty id keeps the server's
+	// default.
+	ReplicaID    string `yaml:"replica_id"`
+	ReplicaCount int    `yaml:"replica_count"`
+	// Replicas runs that many operators (servers, or raw operators), each
+	// on its own loopback address and all on one port, with replica ids
+	// replica-0, replica-1, ... (server); the plugin's target lists every
+	// address (ipv4:127.0.0.2:P,127.0.0.3:P,...), plaintext. Default 1: one
+	// operator on a unix socket, unless Aliases or Balanced ask for TCP.
+	Replicas int `yaml:"replicas"`
+	// Aliases adds to the target one address per entry that forwards to
+	// the replica of that index (the same replica reached twice).
+	Aliases []int `yaml:"aliases"`
+	// Balanced makes the target a single address, a round-robin TCP
+	// forwarder in front of the replicas (a load-balanced Service).
+	Balanced bool `yaml:"balanced"`
+	// ListedTwice adds the address of the replica of each index to the
+	// target a second time (plugins deduplicate their address lists).
+	ListedTwice []int `yaml:"listed_twice"`
 }
+
+// tcp reports whether the operators listen on loopback TCP addresses.
+func (o OperatorSpec) tcp() bool {
+	return o.Replicas > 1 || len(o.Aliases) > 0 || o.Balanced || len(o.ListedTwice) > 0
+}
+
+func (o OperatorSpec) replicas() int { return max(o.Replicas, 1) }
 
 // RejectSpec refuses registrations with a status.
 type RejectSpec struct {
@@ -70,6 +100,8 @@ type RejectSpec struct {
 	Count   int    `yaml:"count"`
 	Code    string `yaml:"code"`
 	Message string `yaml:"message"`
+	// MessageSize makes the message that many letters long instead.
+	MessageSize Size `yaml:"message_size"`
 }
 
 // PluginSpec is how the plugin under test is started.
@@ -112,18 +144,25 @@ func (c *Case) pluginName() string {
 // Step is one action of a case; exactly one field is set.
 type Step struct {
 	// Calls through the server operator's registry.
-	Call       *CallStep `yaml:"call"`
-	WaitCall   string    `yaml:"wait_call"`   // wait for a background call and check it
-	CancelCall string    `yaml:"cancel_call"` // cancel a background call
+	Call *CallStep `yaml:"call"`
+	// Integrity makes many calls of random sizes and contents and checks
+	// every byte (integrity.go), through the server's registry or, with
+	// the raw operator, the runner's own caller (rawcall.go).
+	Integrity  *IntegrityStep `yaml:"integrity"`
+	WaitCall   string         `yaml:"wait_call"`   // wait for a background call and check it
+	CancelCall string         `yaml:"cancel_call"` // cancel a background call
 
 	// The plugins and the operator.
-	Registered      *RegisteredStep `yaml:"registered"`
-	StartPlugin     *struct{}       `yaml:"start_plugin"`
-	StopPlugin      *StopStep       `yaml:"stop_plugin"`
-	RestartOperator *RestartStep    `yaml:"restart_operator"`
-	WaitRestart     bool            `yaml:"wait_restart"`
-	Rejections      *int            `yaml:"rejections"` // registrations the server refused so far
-	Sleep           Duration        `yaml:"sleep"`
+	Registered      *RegisteredStep    `yaml:"registered"`
+	StartPlugin     *struct{}          `yaml:"start_plugin"`
+	StopPlugin      *StopStep          `yaml:"stop_plugin"`
+	RestartOperator *RestartStep       `yaml:"restart_operator"`
+	WaitRestart     bool               `yaml:"wait_restart"`
+	Rejections      *int               `yaml:"rejections"` // registrations the server refused so far
+	Registrations   *RegistrationsStep `yaml:"registrations"`
+	Forwarder       *ForwarderStep     `yaml:"forwarder"`
+	Accepted        *AcceptedStep      `yaml:"accepted"`
+	Sleep           Duration           `yaml:"sleep"`
 
 	// Raw frames: raw_connect (the runner as a plugin, against the server)
 	// or accept (the runner as the operator, taking the plugin's tunnel)
@@ -140,9 +179,43 @@ type Step struct {
 	// larger than this many bytes (encoded ConnectRequest or
 	// ConnectResponse).
 	MaxBatch Size `yaml:"max_batch"`
+	// OpensInOrder takes the StreamOpen frames received on the raw tunnel
+	// and checks that their ids have the peer's parity and increase, with
+	// at least Min of them.
+	OpensInOrder *struct {
+		Min         int  `yaml:"min"`
+		Consecutive bool `yaml:"consecutive"`
+	} `yaml:"opens_in_order"`
+	// ConnectCall matches the plugin's Connect call at the raw operator:
+	// whether it has a deadline, and its metadata ({key: [values]}, [] for
+	// absent).
+	ConnectCall *ConnectCallStep `yaml:"connect_call"`
+	// OneBatch checks that every frame received so far on that stream
+	// came in one batch.
+	OneBatch int `yaml:"one_batch"`
+	// NoNewTunnel checks that the plugin opens no tunnel to the raw
+	// operators for this long.
+	NoNewTunnel Duration `yaml:"no_new_tunnel"`
 	// UseRaw makes the frame steps use an earlier raw tunnel: 1 is the
 	// first that raw_connect or accept opened.
 	UseRaw int `yaml:"use_raw"`
+	// MaxFrames checks that no batch received so far held more frames.
+	MaxFrames int `yaml:"max_frames"`
+	// Flood sends Frames copies of Frame, their stream ids stepping by 2,
+	// in batches of 4,096, and stops quietly if the tunnel ends first.
+	Flood *FloodStep `yaml:"flood"`
+	// PauseReading stops reading the raw tunnel for this long (the step
+	// returns at once), so that the peer's frames pile up in its queues.
+	PauseReading Duration `yaml:"pause_reading"`
+	// Credit checks the peer's chunks on a stream against the credit the
+	// runner granted (spec 8.1).
+	Credit *CreditStep `yaml:"credit"`
+	// FrameCounts matches how many frames of each kind were received on
+	// the raw tunnel since it opened ({register: 0}), consumed or not.
+	FrameCounts map[string]any `yaml:"frame_counts"`
+	// AwaitMessage reassembles the next message the peer sends on a
+	// stream from its chunks, checking the chunk rules of spec 7.2.
+	AwaitMessage *AwaitMessageStep `yaml:"await_message"`
 }
 
 // CallStep calls the plugin through the server operator's registry.
@@ -173,8 +246,13 @@ type CallStep struct {
 	Background bool `yaml:"background"`
 	// Hold starts the call and sends its requests but reads nothing (a
 	// stalled consumer); it runs in the background.
-	Hold   bool        `yaml:"hold"`
-	Expect Expectation `yaml:"expect"`
+	Hold bool `yaml:"hold"`
+	// RepeatFor makes the call again and again for this long (Parallel
+	// calls at a time), each checked: a load that must not fail.
+	RepeatFor Duration `yaml:"repeat_for"`
+	// Replica is the operator whose registry makes the call (default 0).
+	Replica int         `yaml:"replica"`
+	Expect  Expectation `yaml:"expect"`
 }
 
 // Expectation is what a call must end with.
@@ -213,6 +291,31 @@ type RegisteredStep struct {
 	Instance any `yaml:"instance"`
 	// New waits for instances registered after this step started.
 	New bool `yaml:"new"`
+	// Replica checks that operator's registry only; by default every
+	// replica's must list Count instances.
+	Replica *int `yaml:"replica"`
+}
+
+// RegistrationsStep checks how many Register frames a replica's server
+// has seen (accepted or refused), since it started.
+type RegistrationsStep struct {
+	Replica int `yaml:"replica"`
+	Count   any `yaml:"count"`
+}
+
+// AcceptedStep checks how many connections a replica's server has
+// accepted since it started (of every start, restarts included).
+type AcceptedStep struct {
+	Replica     int `yaml:"replica"`
+	Connections any `yaml:"connections"`
+}
+
+// ForwarderStep checks how many connections an alias or the balancer (in
+// the order of OperatorSpec: the aliases, then the balancer) has
+// relayed.
+type ForwarderStep struct {
+	Index       int `yaml:"index"`
+	Connections any `yaml:"connections"`
 }
 
 // StopStep sends SIGTERM to a plugin process and waits for it.
@@ -236,6 +339,9 @@ type RestartStep struct {
 	// Background restarts while the next steps run (graceful only);
 	// wait_restart waits for it.
 	Background bool `yaml:"background"`
+	// Replica is the operator restarted (default 0); a restarted replica
+	// is a new process with a new replica id.
+	Replica int `yaml:"replica"`
 }
 
 // RawConnectStep opens a tunnel to the server operator as a raw plugin.
@@ -250,6 +356,11 @@ type RawConnectStep struct {
 	Settings map[string]any `yaml:"settings"`
 	// AnswerPings answers the operator's pings (default true).
 	AnswerPings *bool `yaml:"answer_pings"`
+	// Token replaces the case's token ("" sends none).
+	Token *string `yaml:"token"`
+	// ContentSubtype makes the Connect call's content-type
+	// application/grpc+SUBTYPE.
+	ContentSubtype string `yaml:"content_subtype"`
 }
 
 // AcceptStep takes the next tunnel the plugin opens to the raw operator.
@@ -260,6 +371,9 @@ type AcceptStep struct {
 	// and answers with a RegisterAck unless Ack is false. Default true.
 	Handshake *bool `yaml:"handshake"`
 	Ack       *bool `yaml:"ack"`
+	// Replica takes the tunnel from that raw operator (replicas); by
+	// default from any.
+	Replica *int `yaml:"replica"`
 	// Register is matched against the plugin's Register frame; false: the
 	// handshake stops after the operator's Hello (a Hello the plugin must
 	// refuse).
@@ -295,10 +409,37 @@ func (f *FrameMatch) UnmarshalYAML(n *yaml.Node) error {
 	return err
 }
 
+// CreditStep checks that the peer never sent a chunk on Stream costing more
+// than the credit left (data + 64 per chunk, against the runner's Hello
+// window plus its WindowUpdates), and matches what was spent: Spent (the
+// chunks' cost), Chunks (their number) and Left (the credit left), each
+// a value or a $ operator.
+type CreditStep struct {
+	Stream int `yaml:"stream"`
+	Spent  any `yaml:"spent"`
+	Chunks any `yaml:"chunks"`
+	Left   any `yaml:"left"`
+}
+
+// AwaitMessageStep waits (Within, default 3 s) for the chunks of the next
+// message on Stream, removes them from the queue, and matches the message:
+// Size (its length), Chunks (their number), and with Decode the decoded
+// message against Value.
+type AwaitMessageStep struct {
+	Stream int      `yaml:"stream"`
+	Within Duration `yaml:"within"`
+	Size   any      `yaml:"size"`
+	Chunks any      `yaml:"chunks"`
+	Decode string   `yaml:"decode"`
+	Value  any      `yaml:"value"`
+}
+
 // SilenceStep checks that no frame of these kinds arrives for a while.
 type SilenceStep struct {
 	For   Duration `yaml:"for"`
 	Kinds []string `yaml:"kinds"`
+	// Stream limits the check to that stream's frames (0: all).
+	Stream uint64 `yaml:"stream"`
 }
 
 // EndStep waits for the raw tunnel's Connect stream to end.
@@ -310,10 +451,25 @@ type EndStep struct {
 	MessageContains string `yaml:"message_contains"`
 }
 
-// CloseRawStep ends the raw tunnel from the runner's side.
+// CloseRawStep ends the raw tunnel from the runner's side: the raw
+// operator ends the Connect call with the status, the raw plugin
+// half-closes and cancels it (or only half-closes, with HalfClose).
 type CloseRawStep struct {
-	Code    string `yaml:"code"`
-	Message string `yaml:"message"`
+	Code      string `yaml:"code"`
+	Message   string `yaml:"message"`
+	HalfClose bool   `yaml:"half_close"`
+}
+
+// FloodStep is a flood of frames (see Step.Flood).
+type FloodStep struct {
+	Frame  FrameSpec `yaml:"frame"`
+	Frames int       `yaml:"frames"`
+}
+
+// ConnectCallStep is what the plugin's Connect call must carry.
+type ConnectCallStep struct {
+	Deadline *bool               `yaml:"deadline"`
+	Metadata map[string][]string `yaml:"metadata"`
 }
 
 // Duration is a time.Duration written as in Go ("300ms").
@@ -439,8 +595,11 @@ func (c *Case) validate() error {
 	default:
 		return fmt.Errorf("operator kind %q: want server or raw", c.Operator.Kind)
 	}
-	if c.Operator.Kind == "raw" && (c.Operator.Reject != nil || c.Operator.Token != "" || c.Operator.TLS) {
-		return errors.New("reject, token and tls need the server operator")
+	if c.Operator.Kind == "raw" && (c.Operator.Reject != nil || c.Operator.TLS) {
+		return errors.New("reject and tls need the server operator")
+	}
+	if c.Operator.tcp() && (c.Operator.Token != "" || c.Operator.TLS) {
+		return errors.New("replicas, aliases and balanced are plaintext without a token")
 	}
 	for i, s := range c.Steps {
 		if err := s.validate(c); err != nil {
@@ -472,21 +631,23 @@ func (s *Step) validate(c *Case) error {
 	}
 	raw := c.Operator.Kind == "raw"
 	switch k {
-	case "call", "wait_call", "cancel_call", "registered", "restart_operator", "wait_restart", "rejections", "raw_connect":
+	case "call", "wait_call", "cancel_call", "registered", "restart_operator", "wait_restart", "rejections", "registrations", "accepted", "raw_connect":
 		if raw {
 			return fmt.Errorf("%s needs the server operator", k)
 		}
-	case "accept":
+	case "accept", "no_new_tunnel":
 		if !raw {
-			return errors.New("accept needs the raw operator")
+			return fmt.Errorf("%s needs the raw operator", k)
 		}
 	}
 	switch {
 	case s.Call != nil:
 		return s.Call.validate()
+	case s.Integrity != nil:
+		return s.Integrity.validate()
 	case s.Send != nil:
 		for _, f := range s.Send {
-			if _, err := frameKind(map[string]any(f), "stream"); err != nil {
+			if _, err := frameKind(map[string]any(f), frameSpecKeys...); err != nil {
 				return err
 			}
 		}
@@ -520,8 +681,8 @@ func (cs *CallStep) validate() error {
 	if cs.Hold && !slices.Contains([]string{"ServerStream", "ClientStream", "BidiStream"}, cs.Method) {
 		return errors.New("only streaming calls can be held")
 	}
-	if cs.Parallel > 0 && (cs.Background || cs.Hold) {
-		return errors.New("parallel calls cannot run in the background")
+	if cs.Parallel > 0 && cs.Hold || cs.Parallel > 0 && cs.Background && cs.RepeatFor == 0 {
+		return errors.New("parallel calls run in the background only with repeat_for")
 	}
 	if _, err := codeByName(cs.Expect.Code); err != nil {
 		return err

@@ -30,15 +30,24 @@ import (
 	"github.com/guilhem/operator-plugin-framework/go/server"
 )
 
-// realOperator runs the framework's Go server on the case's socket, and
-// can restart it there.
+// realOperator runs the framework's Go server on the case's socket (or one
+// replica's address), and can restart it there.
 type realOperator struct {
 	spec   OperatorSpec
-	path   string
-	tls    *tlsMaterial // nil: plaintext
+	addr   string                       // names the server: unix:///path or tcp://host:port
+	listen func() (net.Listener, error) // the socket, again on each start
+	tls    *tlsMaterial                 // nil: plaintext
 	logger logr.Logger
+	// replicaID is WithReplica's id, with a generation number added on
+	// each restart: a restarted replica is a new process (empty: the
+	// case's, or the server's default).
+	replicaID    string
+	replicaCount int
+	generation   int
 
-	rejected atomic.Int64
+	rejected      atomic.Int64
+	registrations atomic.Int64 // Register frames the policy saw
+	accepted      atomic.Int64 // connections accepted, over every start
 
 	mu     sync.Mutex
 	srv    *server.Server
@@ -50,7 +59,16 @@ type realOperator struct {
 
 func newRealOperator(spec OperatorSpec, path string, tls *tlsMaterial, logf func(string, ...any)) *realOperator {
 	logger := funcr.New(func(prefix, args string) { logf("server: %s %s", prefix, args) }, funcr.Options{Verbosity: 1})
-	return &realOperator{spec: spec, path: path, tls: tls, logger: logger}
+	return &realOperator{spec: spec, addr: "unix://" + path, listen: func() (net.Listener, error) { return listenUnix(path) },
+		tls: tls, logger: logger, replicaID: spec.ReplicaID, replicaCount: spec.ReplicaCount}
+}
+
+// newReplicaOperator is replica i of a case with several servers, on its
+// loopback address.
+func newReplicaOperator(spec OperatorSpec, i int, rs *replicaSet, logf func(string, ...any)) *realOperator {
+	logger := funcr.New(func(prefix, args string) { logf("server %d: %s %s", i, prefix, args) }, funcr.Options{Verbosity: 1})
+	return &realOperator{spec: spec, addr: "tcp://" + rs.addrs[i], listen: func() (net.Listener, error) { return rs.listener(i) },
+		logger: logger, replicaID: fmt.Sprintf("replica-%d", i), replicaCount: spec.ReplicaCount}
 }
 
 func (o *realOperator) options() []server.Option {
@@ -69,19 +87,27 @@ func (o *realOperator) options() []server.Option {
 	if s.HandshakeTimeout > 0 {
 		opts = append(opts, server.WithHandshakeTimeout(time.Duration(s.HandshakeTimeout)))
 	}
-	if r := s.Reject; r != nil {
+	// The policy counts registrations, and refuses them as the case asks.
+	opts = append(opts, server.WithRegistrationPolicy(func(context.Context, server.Identity, server.Registration) error {
+		o.registrations.Add(1)
+		r := s.Reject
+		if r == nil {
+			return nil
+		}
 		code, _ := codeByName(r.Code)
 		if code == codes.OK {
 			code = codes.PermissionDenied
 		}
-		opts = append(opts, server.WithRegistrationPolicy(func(context.Context, server.Identity, server.Registration) error {
-			if r.Count == 0 || o.rejected.Load() < int64(r.Count) {
-				o.rejected.Add(1)
-				return status.Error(code, r.Message)
-			}
-			return nil
-		}))
-	}
+		msg := r.Message
+		if r.MessageSize > 0 {
+			msg = letters(int(r.MessageSize))
+		}
+		if r.Count == 0 || o.rejected.Load() < int64(r.Count) {
+			o.rejected.Add(1)
+			return status.Error(code, msg)
+		}
+		return nil
+	}))
 	if token := s.Token; token != "" {
 		opts = append(opts, server.WithAuthenticator(func(ctx context.Context) (server.Identity, error) {
 			md, _ := metadata.FromIncomingContext(ctx)
@@ -94,17 +120,25 @@ func (o *realOperator) options() []server.Option {
 	if o.tls != nil {
 		opts = append(opts, server.WithTLS(o.tls.certFile, o.tls.keyFile))
 	}
+	if id := o.replicaID; id != "" || o.replicaCount > 0 {
+		if id != "" && o.generation > 0 {
+			id = fmt.Sprintf("%s-gen%d", id, o.generation)
+		}
+		opts = append(opts, server.WithReplica(id, o.replicaCount))
+	}
 	return opts
 }
 
-// start starts a new server on the socket.
+// start starts a new server on the socket; from the second start on, it is
+// a new process with a new replica id.
 func (o *realOperator) start() error {
-	lis, err := listenUnix(o.path)
+	lis, err := o.listen()
 	if err != nil {
 		return err
 	}
-	tl := &trackingListener{Listener: lis}
-	srv, err := server.New("unix://"+o.path, append(o.options(), server.WithListener(tl))...)
+	defer func() { o.generation++ }()
+	tl := &trackingListener{Listener: lis, accepted: &o.accepted}
+	srv, err := server.New(o.addr, append(o.options(), server.WithListener(tl))...)
 	if err != nil {
 		lis.Close()
 		return err
@@ -163,9 +197,10 @@ func listenUnix(path string) (net.Listener, error) {
 // trackingListener remembers its connections so that a crash can cut them.
 type trackingListener struct {
 	net.Listener
-	mu    sync.Mutex
-	conns []net.Conn
-	dead  bool
+	accepted *atomic.Int64
+	mu       sync.Mutex
+	conns    []net.Conn
+	dead     bool
 }
 
 func (l *trackingListener) Accept() (net.Conn, error) {
@@ -178,6 +213,9 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 		dead := l.dead
 		if !dead {
 			l.conns = append(l.conns, c)
+			if l.accepted != nil {
+				l.accepted.Add(1)
+			}
 		}
 		l.mu.Unlock()
 		if !dead {

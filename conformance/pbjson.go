@@ -74,6 +74,33 @@ func pattern(n int) []byte {
 	return b
 }
 
+// letters is a string of n letters, a to z in turn (X_size of a string
+// field).
+func letters(n int) string {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = 'a' + byte(i%26)
+	}
+	return string(b)
+}
+
+// padTo sets m's payload (field 1, bytes, pattern bytes) so that m encodes
+// to exactly want bytes.
+func padTo(m proto.Message, want int) error {
+	fd := m.ProtoReflect().Descriptor().Fields().ByNumber(1)
+	if fd == nil || fd.Kind() != protoreflect.BytesKind || fd.IsList() {
+		return fmt.Errorf("length: %s has no bytes field 1 to pad", m.ProtoReflect().Descriptor().FullName())
+	}
+	m.ProtoReflect().Clear(fd)
+	if n := fitPayload(proto.Size(m), want); n > 0 {
+		m.ProtoReflect().Set(fd, protoreflect.ValueOfBytes(pattern(n)))
+	}
+	if got := proto.Size(m); got != want {
+		return fmt.Errorf("length: a %s cannot be exactly %d bytes long (nearest %d)", m.ProtoReflect().Descriptor().Name(), want, got)
+	}
+	return nil
+}
+
 func isPattern(b []byte) bool {
 	for i, c := range b {
 		if c != byte(i) {
@@ -152,6 +179,16 @@ func normalize(md protoreflect.MessageDescriptor, v any, res resolver) (map[stri
 			if err != nil {
 				return nil, err
 			}
+			if l, ok := p["length"]; ok {
+				// Pad the payload so that the message is exactly this long.
+				want, err := toInt(l, res)
+				if err != nil {
+					return nil, fmt.Errorf("message proto length: %w", err)
+				}
+				if err := padTo(m, want); err != nil {
+					return nil, err
+				}
+			}
 			b, err := proto.Marshal(m)
 			if err != nil {
 				return nil, err
@@ -165,6 +202,15 @@ func normalize(md protoreflect.MessageDescriptor, v any, res resolver) (map[stri
 				continue
 			}
 			fd := fieldByName(md, base)
+			if fd != nil && fd.Kind() == protoreflect.StringKind && !fd.IsList() && suffix == "_size" {
+				n, err := toInt(val, res)
+				if err != nil {
+					return nil, fmt.Errorf("%s: %w", k, err)
+				}
+				out[string(fd.Name())] = letters(n)
+				k = ""
+				break
+			}
 			if fd == nil || fd.Kind() != protoreflect.BytesKind || fd.IsList() {
 				continue
 			}
@@ -269,9 +315,17 @@ func metadataList(m map[string]any) ([]any, error) {
 		}
 		enc := make([]any, len(vals))
 		for i, v := range vals {
+			if m, ok := v.(map[string]any); ok && len(m) == 1 && m["size"] != nil {
+				// {size: N}: N letters, for values too large to write.
+				n, err := toInt(m["size"], plainSizes)
+				if err != nil {
+					return nil, fmt.Errorf("metadata %s: %w", k, err)
+				}
+				v = letters(n)
+			}
 			s, ok := v.(string)
 			if !ok {
-				return nil, fmt.Errorf("metadata %s: want string values", k)
+				return nil, fmt.Errorf("metadata %s: want string values (or {size: N})", k)
 			}
 			if strings.HasSuffix(k, "-bin") {
 				if _, err := base64.StdEncoding.DecodeString(s); err != nil {

@@ -8,11 +8,13 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -49,6 +51,13 @@ type Config struct {
 	// Grace is how long a plugin may take to exit after SIGTERM before it
 	// is killed. Default 5 s.
 	Grace time.Duration
+	// Parallel is how many cases run at once (default 1); cases marked
+	// exclusive run alone.
+	Parallel int
+	// Seed makes the random choices of the cases (payload sizes and
+	// contents); each case derives its own from it and its name, so that
+	// one case can be rerun alone with the same choices. 0 picks one.
+	Seed uint64
 }
 
 // Result is the outcome of one case for one SDK.
@@ -145,6 +154,10 @@ func Run(ctx context.Context, cfg Config) (Summary, error) {
 	if cfg.Grace == 0 {
 		cfg.Grace = 5 * time.Second
 	}
+	if cfg.Seed == 0 {
+		cfg.Seed = uint64(time.Now().UnixNano())
+	}
+	fmt.Fprintf(out, "seed %d\n", cfg.Seed)
 	cases := cfg.Cases
 	if cases == nil {
 		var err error
@@ -163,7 +176,12 @@ func Run(ctx context.Context, cfg Config) (Summary, error) {
 			}
 		}
 	}
-	var sum Summary
+	type job struct {
+		sdk SDK
+		c   *Case
+		i   int
+	}
+	var jobs, exclusive []job
 	for _, sdk := range cfg.SDKs {
 		for _, c := range cases {
 			if cfg.Filter != nil && !cfg.Filter.MatchString(c.Name) {
@@ -172,14 +190,49 @@ func Run(ctx context.Context, cfg Config) (Summary, error) {
 			if c.TestsOperator() && !sdk.OperatorCases {
 				continue
 			}
-			if ctx.Err() != nil {
-				return sum, ctx.Err()
+			j := job{sdk: sdk, c: c, i: len(jobs) + len(exclusive)}
+			if c.Exclusive || cfg.Parallel <= 1 {
+				exclusive = append(exclusive, j)
+			} else {
+				jobs = append(jobs, j)
 			}
-			res, logs := runCase(ctx, cfg, sdk, c)
-			sum.Results = append(sum.Results, res)
-			report(out, cfg, c, res, logs)
 		}
 	}
+	results := make([]Result, len(jobs)+len(exclusive))
+	var outMu sync.Mutex
+	run := func(j job) {
+		if ctx.Err() != nil {
+			return
+		}
+		res, logs := runCase(ctx, cfg, j.sdk, j.c)
+		results[j.i] = res
+		outMu.Lock()
+		report(out, cfg, j.c, res, logs)
+		outMu.Unlock()
+	}
+	// Cases run Parallel at a time; exclusive ones (heavy or tightly timed)
+	// alone, after the others, so that they get the machine to themselves.
+	queue := make(chan job)
+	var wg sync.WaitGroup
+	for range max(cfg.Parallel, 1) {
+		wg.Go(func() {
+			for j := range queue {
+				run(j)
+			}
+		})
+	}
+	for _, j := range jobs {
+		queue <- j
+	}
+	close(queue)
+	wg.Wait()
+	for _, j := range exclusive {
+		run(j)
+	}
+	if ctx.Err() != nil {
+		return Summary{}, ctx.Err()
+	}
+	sum := Summary{Results: results}
 	fmt.Fprintln(out)
 	for _, sdk := range cfg.SDKs {
 		p, f := sum.Counts(sdk.Name)
@@ -236,7 +289,7 @@ func runCase(ctx context.Context, cfg Config, sdk SDK, c *Case) (Result, caseLog
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, c.Timeout.D(60*time.Second))
 	defer cancel()
-	r := &caseRun{c: c, sdk: sdk, grace: cfg.Grace, log: &syncBuffer{}, start: start, calls: map[string]*bgCall{}}
+	r := &caseRun{c: c, sdk: sdk, grace: cfg.Grace, log: &syncBuffer{}, start: start, calls: map[string]*bgCall{}, seed: caseSeed(cfg.Seed, c.Name), runSeed: cfg.Seed}
 	err := r.setup(ctx)
 	if err == nil {
 		err = r.steps(ctx)
@@ -268,17 +321,42 @@ func (r *caseRun) setup(ctx context.Context) error {
 			return err
 		}
 	}
-	if r.c.Operator.Kind == "raw" {
-		lis, err := listenUnix(r.sock)
-		if err != nil {
+	op := r.c.Operator
+	if op.tcp() {
+		if r.replicas, err = newReplicaSet(op.replicas(), op.Aliases, op.Balanced, op.ListedTwice, r.logf); err != nil {
 			return err
 		}
-		r.rawOp = startRawOperator(lis, nil, r.logf)
-	} else {
-		r.op = newRealOperator(r.c.Operator, r.sock, r.tls, r.logf)
-		if err := r.op.start(); err != nil {
+		r.logf("operators on %v; the plugin's target is %s", r.replicas.addrs, r.replicas.target)
+	}
+	for i := range op.replicas() {
+		switch {
+		case op.Kind == "raw":
+			var lis net.Listener
+			if r.replicas != nil {
+				lis, err = r.replicas.listener(i)
+			} else {
+				lis, err = listenUnix(r.sock)
+			}
+			if err != nil {
+				return err
+			}
+			r.rawOps = append(r.rawOps, startRawOperator(lis, nil, r.logf))
+		case r.replicas != nil:
+			r.ops = append(r.ops, newReplicaOperator(op, i, r.replicas, r.logf))
+		default:
+			r.ops = append(r.ops, newRealOperator(op, r.sock, r.tls, r.logf))
+		}
+	}
+	for _, o := range r.ops {
+		if err := o.start(); err != nil {
 			return err
 		}
+	}
+	if len(r.ops) > 0 {
+		r.op = r.ops[0]
+	}
+	if len(r.rawOps) > 0 {
+		r.rawOp = r.rawOps[0]
 	}
 	for range r.c.instances() {
 		if err := r.startPlugin(); err != nil {
@@ -294,7 +372,12 @@ func (r *caseRun) setup(ctx context.Context) error {
 	return nil
 }
 
-func (r *caseRun) target() string { return "unix://" + r.sock }
+func (r *caseRun) target() string {
+	if r.replicas != nil {
+		return r.replicas.target
+	}
+	return "unix://" + r.sock
+}
 
 func (r *caseRun) pluginEnv() []string {
 	env := []string{
@@ -348,8 +431,8 @@ func (r *caseRun) teardown() error {
 	for _, stop := range r.rawStops {
 		stop()
 	}
-	if r.rawOp != nil {
-		r.rawOp.stop()
+	for _, op := range r.rawOps {
+		op.stop()
 	}
 	for _, p := range r.plugins {
 		if p.termAt.IsZero() && p.exited() {
@@ -368,10 +451,13 @@ func (r *caseRun) teardown() error {
 			errs = append(errs, err)
 		}
 	}
-	if r.op != nil {
-		if err := r.op.stop(false); err != nil {
-			errs = append(errs, fmt.Errorf("stopping the server: %w", err))
+	for i, op := range r.ops {
+		if err := op.stop(false); err != nil {
+			errs = append(errs, fmt.Errorf("stopping server %d: %w", i, err))
 		}
+	}
+	if r.replicas != nil {
+		r.replicas.stop()
 	}
 	if r.dir != "" {
 		os.RemoveAll(r.dir)

@@ -4,11 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
+	"regexp"
 	"strings"
+	"sync"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
 	"github.com/guilhem/operator-plugin-framework/go/registry"
@@ -24,14 +29,20 @@ type caseRun struct {
 
 	dir, sock  string
 	tls        *tlsMaterial
-	op         *realOperator // the server operator, or nil
-	rawOp      *rawOperator  // the raw operator, or nil
-	raw        *rawConn      // the raw tunnel the frame steps use
-	raws       []*rawConn    // every raw tunnel, in order
+	op         *realOperator   // the server operator (replica 0), or nil
+	ops        []*realOperator // every replica's server
+	rawOp      *rawOperator    // the raw operator (replica 0), or nil
+	rawOps     []*rawOperator  // every raw operator
+	replicas   *replicaSet     // the loopback addresses, with several operators
+	raw        *rawConn        // the raw tunnel the frame steps use
+	raws       []*rawConn      // every raw tunnel, in order
 	rawStops   []func()
 	plugins    []*pluginProc
 	calls      map[string]*bgCall
 	restarting chan error // a background restart's result
+	seed       uint64     // the case's random seed (caseSeed)
+	runSeed    uint64     // the run's, from which seed derives
+	stepIndex  int        // the step running, from 0
 }
 
 const conformanceService = "conformance.v1.ConformanceService"
@@ -48,6 +59,7 @@ func (r *caseRun) steps(ctx context.Context) error {
 			}
 		}
 		r.logf("step %d: %s", i+1, label)
+		r.stepIndex = i
 		if err := r.step(ctx, s); err != nil {
 			r.logf("step %d failed: %v", i+1, err)
 			return fmt.Errorf("step %d (%s): %w", i+1, label, err)
@@ -60,6 +72,23 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 	switch {
 	case s.Call != nil:
 		return r.call(ctx, s.Call)
+	case s.Integrity != nil:
+		seed := r.seed + uint64(r.stepIndex)
+		var conn grpc.ClientConnInterface
+		if r.op != nil {
+			conn = r.op.registry().Plugin(r.c.pluginName())
+		} else {
+			if r.raw == nil {
+				return errors.New("integrity with the raw operator needs a tunnel: use accept first")
+			}
+			rc, err := newRawCaller(r.raw, seed)
+			if err != nil {
+				return err
+			}
+			conn = rc
+		}
+		replay := fmt.Sprintf("the same calls again: --seed %d --run '^%s$'", r.runSeed, regexp.QuoteMeta(r.c.Name))
+		return s.Integrity.run(ctx, conn, seed, replay, r.logf)
 	case s.WaitCall != "":
 		bg, ok := r.calls[s.WaitCall]
 		if !ok {
@@ -70,6 +99,9 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 		case <-ctx.Done():
 			return fmt.Errorf("call %q still running: %w", s.WaitCall, ctx.Err())
 		}
+		if bg.repeated {
+			return bg.err
+		}
 		return bg.spec.Expect.check(bg.res)
 	case s.CancelCall != "":
 		bg, ok := r.calls[s.CancelCall]
@@ -78,6 +110,26 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 		}
 		bg.cancel()
 		return nil
+	case s.Registrations != nil:
+		if err := r.replicaIndex(s.Registrations.Replica); err != nil {
+			return err
+		}
+		got := r.ops[s.Registrations.Replica].registrations.Load()
+		return match(fmt.Sprintf("registrations seen by server %d", s.Registrations.Replica), s.Registrations.Count, got)
+	case s.Accepted != nil:
+		if err := r.replicaIndex(s.Accepted.Replica); err != nil {
+			return err
+		}
+		got := r.ops[s.Accepted.Replica].accepted.Load()
+		return match(fmt.Sprintf("connections accepted by server %d", s.Accepted.Replica), s.Accepted.Connections, got)
+	case s.Forwarder != nil:
+		if r.replicas == nil || s.Forwarder.Index < 0 || s.Forwarder.Index >= len(r.replicas.forwarders) {
+			return fmt.Errorf("no forwarder %d", s.Forwarder.Index)
+		}
+		got := r.replicas.forwarders[s.Forwarder.Index].count.Load()
+		return match(fmt.Sprintf("connections relayed by forwarder %d", s.Forwarder.Index), s.Forwarder.Connections, got)
+	case s.NoNewTunnel > 0:
+		return r.noNewTunnel(ctx, time.Duration(s.NoNewTunnel))
 	case s.Registered != nil:
 		return r.registered(ctx, s.Registered)
 	case s.StartPlugin != nil:
@@ -128,13 +180,15 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 	}
 	switch {
 	case s.Send != nil:
-		frames := make([]*pb.Frame, len(s.Send))
-		for i, spec := range s.Send {
-			f, err := rc.buildFrame(spec)
-			if err != nil {
-				return fmt.Errorf("frame %d: %w", i, err)
+		frames, err := rc.buildFrames(s.Send)
+		if err != nil {
+			return err
+		}
+		for i, f := range frames {
+			if i == 8 && len(frames) > 10 {
+				r.logf("raw %s: ... and %d more frames, %d in this batch", rc.side, len(frames)-i-1, len(frames))
+				break
 			}
-			frames[i] = f
 			r.logf("raw %s: sending %s", rc.side, describeFrame(f))
 		}
 		return rc.sendFrames(frames)
@@ -149,9 +203,35 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 		_, err := rc.await(ctx, *s.Await)
 		return err
 	case s.ExpectSilence != nil:
-		return rc.expectSilence(ctx, s.ExpectSilence.For.D(300*time.Millisecond), s.ExpectSilence.Kinds)
+		return rc.expectSilence(ctx, s.ExpectSilence.For.D(300*time.Millisecond), s.ExpectSilence.Kinds, s.ExpectSilence.Stream)
+	case s.Flood != nil:
+		f, err := rc.buildFrame(s.Flood.Frame)
+		if err != nil {
+			return err
+		}
+		sent := 0
+		for sent < s.Flood.Frames {
+			batch := make([]*pb.Frame, 0, min(maxBatchFrames, s.Flood.Frames-sent))
+			for range cap(batch) {
+				g := proto.Clone(f).(*pb.Frame)
+				if f.GetStreamId() != 0 {
+					g.StreamId = f.GetStreamId() + uint64(2*sent)
+				}
+				batch = append(batch, g)
+				sent++
+			}
+			if err := rc.sendFrames(batch); err != nil {
+				r.logf("raw %s: the flood stopped after %d frames: %v", rc.side, sent-len(batch), err)
+				return nil
+			}
+		}
+		r.logf("raw %s: flooded %d frames of %s", rc.side, sent, describeFrame(f))
+		return nil
 	case s.ExpectEnd != nil:
 		e := s.ExpectEnd
+		rc.mu.Lock()
+		rc.pauseUntil = time.Time{} // reading again, to see the end
+		rc.mu.Unlock()
 		how, err := rc.awaitEnd(ctx, e.Within.D(3*time.Second))
 		if err != nil {
 			return err
@@ -167,6 +247,68 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 			}
 		}
 		return nil
+	case s.MaxFrames > 0:
+		rc.mu.Lock()
+		most := rc.mostFrames
+		rc.mu.Unlock()
+		if most > s.MaxFrames {
+			return fmt.Errorf("received a batch of %d frames, want at most %d", most, s.MaxFrames)
+		}
+		return nil
+	case s.PauseReading > 0:
+		rc.mu.Lock()
+		rc.pauseUntil = time.Now().Add(time.Duration(s.PauseReading))
+		rc.mu.Unlock()
+		return nil
+	case s.FrameCounts != nil:
+		rc.mu.Lock()
+		got := map[string]any{}
+		for k := range frameKinds {
+			got[k] = int64(rc.kinds[k])
+		}
+		got["unknown"] = int64(rc.kinds["unknown"])
+		rc.mu.Unlock()
+		for k := range s.FrameCounts {
+			if _, ok := got[k]; !ok {
+				return fmt.Errorf("frame_counts: no frame kind %q", k)
+			}
+		}
+		return match("frames received", s.FrameCounts, got)
+	case s.OpensInOrder != nil:
+		rc.mu.Lock()
+		var ids []uint64
+		rest := rc.queue[:0:0]
+		for _, f := range rc.queue {
+			if f.GetOpen() != nil {
+				ids = append(ids, f.GetStreamId())
+			} else {
+				rest = append(rest, f)
+			}
+		}
+		rc.queue = rest
+		rc.mu.Unlock()
+		parity := uint64(1) // the operator's
+		if rc.side == "operator" {
+			parity = 0
+		}
+		for i, id := range ids {
+			if id%2 != parity || (i > 0 && id <= ids[i-1]) {
+				return fmt.Errorf("StreamOpen ids out of order or of the wrong parity: %v", ids)
+			}
+		}
+		if len(ids) < s.OpensInOrder.Min {
+			return fmt.Errorf("%d StreamOpen frames, want at least %d", len(ids), s.OpensInOrder.Min)
+		}
+		for i := 1; s.OpensInOrder.Consecutive && i < len(ids); i++ {
+			if ids[i] != ids[i-1]+2 {
+				return fmt.Errorf("StreamOpen ids not consecutive: %d after %d (%v)", ids[i], ids[i-1], ids)
+			}
+		}
+		return nil
+	case s.Credit != nil:
+		return rc.checkCredit(s.Credit)
+	case s.AwaitMessage != nil:
+		return rc.awaitMessage(ctx, s.AwaitMessage)
 	case s.MaxBatch > 0:
 		rc.mu.Lock()
 		largest := rc.largest
@@ -176,29 +318,56 @@ func (r *caseRun) step(ctx context.Context, s *Step) error {
 		}
 		return nil
 	case s.CloseRaw != nil:
+		if s.CloseRaw.HalfClose {
+			if rc.side != "plugin" {
+				return errors.New("close_raw half_close: only the raw plugin half-closes")
+			}
+			rc.closeFn(nil)
+			return nil
+		}
 		code, err := codeByName(s.CloseRaw.Code)
 		if err != nil {
 			return err
 		}
 		rc.closeFn(status.New(code, s.CloseRaw.Message))
 		return nil
+	case s.ConnectCall != nil:
+		if rc.side != "operator" {
+			return errors.New("connect_call: only the raw operator sees the plugin's Connect call")
+		}
+		if s.ConnectCall.Deadline != nil && *s.ConnectCall.Deadline != rc.connectDeadline {
+			return fmt.Errorf("the Connect call has a deadline: %v, want %v", rc.connectDeadline, *s.ConnectCall.Deadline)
+		}
+		return checkMetadata("Connect metadata", s.ConnectCall.Metadata, rc.connectMD)
+	case s.OneBatch != 0:
+		rc.mu.Lock()
+		n := len(rc.batchesOf[uint64(s.OneBatch)])
+		rc.mu.Unlock()
+		if n != 1 {
+			return fmt.Errorf("the frames of stream %d came in %d batches, want 1", s.OneBatch, n)
+		}
+		return nil
 	}
 	return errors.New("empty step")
 }
 
-// restart stops the server operator and starts a new one on its socket.
+// restart stops a server operator and starts a new one on its socket.
 func (r *caseRun) restart(ctx context.Context, rs *RestartStep) error {
-	if err := r.op.stop(rs.Mode == "crash"); err != nil {
-		return fmt.Errorf("stopping the server: %w", err)
+	if err := r.replicaIndex(rs.Replica); err != nil || len(r.ops) == 0 {
+		return errors.Join(err, errors.New("restart_operator needs the server operator"))
 	}
-	r.logf("server stopped (%s)", rs.Mode)
+	op := r.ops[rs.Replica]
+	if err := op.stop(rs.Mode == "crash"); err != nil {
+		return fmt.Errorf("stopping server %d: %w", rs.Replica, err)
+	}
+	r.logf("server %d stopped (%s)", rs.Replica, rs.Mode)
 	if err := sleep(ctx, time.Duration(rs.DownFor)); err != nil {
 		return err
 	}
-	if err := r.op.start(); err != nil {
+	if err := op.start(); err != nil {
 		return err
 	}
-	r.logf("server started again")
+	r.logf("server %d started again", rs.Replica)
 	return nil
 }
 
@@ -218,8 +387,26 @@ func (r *caseRun) call(ctx context.Context, cs *CallStep) error {
 	if name == "" {
 		name = r.c.pluginName()
 	}
-	conn := r.op.registry().Plugin(name)
+	if err := r.replicaIndex(cs.Replica); err != nil {
+		return err
+	}
+	conn := r.ops[cs.Replica].registry().Plugin(name)
 	switch {
+	case cs.RepeatFor > 0 && cs.Background:
+		if _, dup := r.calls[cs.ID]; dup {
+			return fmt.Errorf("call id %q used twice", cs.ID)
+		}
+		cctx, cancel := context.WithCancel(ctx)
+		bg := &bgCall{spec: cs, cancel: cancel, done: make(chan struct{}), repeated: true}
+		r.calls[cs.ID] = bg
+		go func() {
+			defer close(bg.done)
+			bg.err = repeatCalls(cctx, conn, cs)
+			r.logf("background calls %s ended: %v", cs.ID, bg.err)
+		}()
+		return nil
+	case cs.RepeatFor > 0:
+		return repeatCalls(ctx, conn, cs)
 	case cs.Parallel > 0:
 		return parallel(ctx, conn, cs)
 	case cs.Background || cs.Hold:
@@ -249,8 +436,27 @@ func (r *caseRun) call(ctx context.Context, cs *CallStep) error {
 	return cs.Expect.check(res)
 }
 
-// registered waits until the registry lists the wanted instances.
+// registered waits until the registry of each replica asked for lists
+// the wanted instances.
 func (r *caseRun) registered(ctx context.Context, rs *RegisteredStep) error {
+	if rs.Replica != nil {
+		if err := r.replicaIndex(*rs.Replica); err != nil {
+			return err
+		}
+		return r.registeredOn(ctx, rs, *rs.Replica)
+	}
+	// Every replica at once, so that "within" bounds them all together.
+	errs := make([]error, len(r.ops))
+	var wg sync.WaitGroup
+	for i := range r.ops {
+		wg.Go(func() { errs[i] = r.registeredOn(ctx, rs, i) })
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+func (r *caseRun) registeredOn(ctx context.Context, rs *RegisteredStep, replica int) error {
+	op := r.ops[replica]
 	want := 1
 	if rs.Count != nil {
 		want = *rs.Count
@@ -259,14 +465,18 @@ func (r *caseRun) registered(ctx context.Context, rs *RegisteredStep) error {
 	deadline := time.Now().Add(within)
 	name := r.c.pluginName()
 	before := map[string]bool{}
-	startReg := r.op.registry()
+	startReg := op.registry()
 	if rs.New {
 		for _, inst := range startReg.List() {
 			before[inst.ID] = true
 		}
 	}
+	where := ""
+	if len(r.ops) > 1 {
+		where = fmt.Sprintf(" on server %d", replica)
+	}
 	for {
-		reg := r.op.registry()
+		reg := op.registry()
 		var list []registry.Instance
 		for _, inst := range reg.List() {
 			if inst.Name == name {
@@ -282,13 +492,13 @@ func (r *caseRun) registered(ctx context.Context, rs *RegisteredStep) error {
 		if len(list) == want && fresh {
 			for _, inst := range list {
 				if err := match("instance", rs.Instance, instanceMap(inst)); rs.Instance != nil && err != nil {
-					return err
+					return fmt.Errorf("%w%s", err, where)
 				}
 			}
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%d instances of plugin %q registered after %v, want %d%s", len(list), name, within, want, map[bool]string{true: " new ones"}[rs.New])
+			return fmt.Errorf("%d instances of plugin %q registered%s after %v, want %d%s", len(list), name, where, within, want, map[bool]string{true: " new ones"}[rs.New])
 		}
 		if err := sleep(ctx, 10*time.Millisecond); err != nil {
 			return err
@@ -337,7 +547,11 @@ func (r *caseRun) rawConnect(ctx context.Context, rs *RawConnectStep) error {
 	if r.tls != nil {
 		creds = r.tls.clientCreds()
 	}
-	rc, stop, err := dialRaw(ctx, r.target(), creds, r.c.Operator.Token, r.logf)
+	token := r.c.Operator.Token
+	if rs.Token != nil {
+		token = *rs.Token
+	}
+	rc, stop, err := dialRaw(ctx, r.target(), creds, token, rs.ContentSubtype, r.logf)
 	if err != nil {
 		return err
 	}
@@ -385,13 +599,19 @@ func (r *caseRun) rawConnect(ctx context.Context, rs *RawConnectStep) error {
 // accept takes the plugin's next tunnel to the raw operator.
 func (r *caseRun) accept(ctx context.Context, as *AcceptStep) error {
 	within := as.Within.D(5 * time.Second)
-	var rc *rawConn
-	select {
-	case rc = <-r.rawOp.conns:
-	case <-time.After(within):
-		return fmt.Errorf("the plugin opened no tunnel within %v", within)
-	case <-ctx.Done():
-		return ctx.Err()
+	ops := r.rawOps
+	if as.Replica != nil {
+		if err := r.replicaIndex(*as.Replica); err != nil {
+			return err
+		}
+		ops = ops[*as.Replica : *as.Replica+1]
+	}
+	rc, from, err := takeTunnel(ctx, ops, within)
+	if err != nil {
+		return err
+	}
+	if len(r.rawOps) > 1 {
+		r.logf("raw operator %d: took the tunnel", from)
 	}
 	r.raw = rc
 	r.raws = append(r.raws, rc)
@@ -498,3 +718,41 @@ func (rc *rawConn) next(ctx context.Context, within time.Duration) (*pb.Frame, e
 		}
 	}
 }
+
+// takeTunnel takes the next tunnel the plugin opened to one of ops, and
+// which of them.
+func takeTunnel(ctx context.Context, ops []*rawOperator, within time.Duration) (*rawConn, int, error) {
+	timer := time.NewTimer(within)
+	defer timer.Stop()
+	cases := []reflect.SelectCase{
+		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(timer.C)},
+		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(ctx.Done())},
+	}
+	for _, op := range ops {
+		cases = append(cases, reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(op.conns)})
+	}
+	i, v, _ := reflect.Select(cases)
+	switch i {
+	case 0:
+		return nil, 0, fmt.Errorf("the plugin opened no tunnel within %v", within)
+	case 1:
+		return nil, 0, ctx.Err()
+	}
+	return v.Interface().(*rawConn), i - 2, nil
+}
+
+// noNewTunnel checks that no tunnel reaches the raw operators for d.
+func (r *caseRun) noNewTunnel(ctx context.Context, d time.Duration) error {
+	rc, from, err := takeTunnel(ctx, r.rawOps, d)
+	if err == nil {
+		r.raws = append(r.raws, rc)
+		return fmt.Errorf("the plugin opened a tunnel to raw operator %d within %v, want none", from, d)
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return nil
+}
+
+// maxBatchFrames is the most frames a batch may hold (spec 3.1).
+const maxBatchFrames = 4096

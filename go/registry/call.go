@@ -174,7 +174,9 @@ func (s *observedStream) RecvMsg(m any) error {
 // onEndStream calls onEnd once, when a stream's caller sees its end: an
 // error from RecvMsg (io.EOF for a clean end), the one response of a call
 // that is not server-streaming, or an error other than io.EOF from SendMsg
-// (io.EOF there only says that the status is for RecvMsg to report).
+// (io.EOF there only says that the status is for RecvMsg to report; the
+// engine, as grpc-go, returns nil instead for a call that is not
+// client-streaming).
 type onEndStream struct {
 	grpc.ClientStream
 	desc  *grpc.StreamDesc
@@ -186,17 +188,7 @@ func (s *onEndStream) ended(err error) { s.once.Do(func() { s.onEnd(err) }) }
 
 func (s *onEndStream) SendMsg(m any) error {
 	err := s.ClientStream.SendMsg(m)
-	switch {
-	case err == nil:
-	case errors.Is(err, io.EOF):
-		if !s.desc.ClientStreams {
-			// As grpc-go does: the generated code of a server-streaming
-			// call fails on any error from its one SendMsg, and a plugin
-			// that ended the call before reading the request would then
-			// read as io.EOF instead of its status, which RecvMsg returns.
-			return nil
-		}
-	default:
+	if err != nil && !errors.Is(err, io.EOF) {
 		s.ended(err)
 	}
 	return err

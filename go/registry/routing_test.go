@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"testing"
 	"time"
 
@@ -201,31 +200,12 @@ func TestServiceOfMethod(t *testing.T) {
 // endedStream is a stream whose handler already ended the call.
 type endedStream struct{ grpc.ClientStream }
 
-func (endedStream) SendMsg(any) error { return io.EOF }
 func (endedStream) RecvMsg(any) error { return status.Error(codes.NotFound, "gone") }
 
 type endedConn struct{ conn }
 
 func (endedConn) NewStream(context.Context, *grpc.StreamDesc, string, ...grpc.CallOption) (grpc.ClientStream, error) {
 	return endedStream{}, nil
-}
-
-// A server-streaming call whose plugin ended it before reading the request
-// reports the plugin's status, as on a *grpc.ClientConn: the one SendMsg
-// of the generated code returns nil, not io.EOF.
-func TestSendMsgOfAnEndedServerStream(t *testing.T) {
-	p := NewProvider("p", &endedConn{})
-	for _, desc := range []*grpc.StreamDesc{{ServerStreams: true}, {ClientStreams: true}} {
-		s, err := p.NewStream(context.Background(), desc, "/s/m")
-		if err != nil {
-			t.Fatal(err)
-		}
-		err = s.SendMsg(nil)
-		if desc.ClientStreams && err != io.EOF || !desc.ClientStreams && err != nil {
-			t.Fatalf("SendMsg on %+v: %v", desc, err)
-		}
-		wantStatus(t, s.RecvMsg(nil), codes.NotFound, "gone")
-	}
 }
 
 func tagStream(name string) grpc.StreamClientInterceptor {

@@ -57,6 +57,8 @@ func run() int {
 	list := fs.Bool("list", false, "list the cases and exit")
 	verbose := fs.Bool("v", false, "print the logs of passing cases too")
 	grace := fs.Duration("grace", 5*time.Second, "how long a plugin may take to exit after SIGTERM before it is killed")
+	parallel := fs.Int("parallel", 4, "how many cases run at once (cases marked exclusive run alone, after the others)")
+	seed := fs.Uint64("seed", 0, "seed of the cases' random choices (payload sizes and contents); 0 picks one, printed first")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
 	}
@@ -127,11 +129,13 @@ func run() int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	sum, err := conformance.Run(ctx, conformance.Config{
-		SDKs:    sdks,
-		Cases:   cases,
-		Filter:  filter,
-		Verbose: *verbose,
-		Grace:   *grace,
+		SDKs:     sdks,
+		Cases:    cases,
+		Filter:   filter,
+		Verbose:  *verbose,
+		Grace:    *grace,
+		Seed:     *seed,
+		Parallel: *parallel,
 	})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "conformance:", err)

@@ -6,8 +6,11 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"os/signal"
@@ -22,6 +25,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/guilhem/operator-plugin-framework/go/client"
@@ -93,9 +97,10 @@ type service struct {
 
 // call tracks one handler's observation.
 type call struct {
-	ctx   context.Context
-	start time.Time
-	obs   *conformancev1.Observation
+	ctx    context.Context
+	start  time.Time
+	obs    *conformancev1.Observation
+	digest hash.Hash // Observation.request_digest, fed request by request
 }
 
 func newCall(ctx context.Context) *call {
@@ -117,12 +122,23 @@ func newCall(ctx context.Context) *call {
 		}
 		obs.Metadata = append(obs.Metadata, e)
 	}
-	return &call{ctx: ctx, start: time.Now(), obs: obs}
+	c := &call{ctx: ctx, start: time.Now(), obs: obs, digest: sha256.New()}
+	obs.RequestDigest = c.digest.Sum(nil)
+	return c
 }
 
 func (c *call) received(payload []byte) {
 	c.obs.RequestCount++
 	c.obs.RequestBytes += uint64(len(payload))
+	c.digest.Write(binary.BigEndian.AppendUint32(nil, uint32(len(payload))))
+	c.digest.Write(payload)
+	c.obs.RequestDigest = c.digest.Sum(nil)
+}
+
+// snapshot is the observation as it is now, for a response: the record
+// made when the handler returns may still change it.
+func (c *call) snapshot() *conformancev1.Observation {
+	return proto.Clone(c.obs).(*conformancev1.Observation)
 }
 
 // record stores the observation under the keys the actions set, once the
@@ -158,17 +174,57 @@ func toMD(entries []*conformancev1.MetadataEntry) metadata.MD {
 	return md
 }
 
-func pattern(n uint32) []byte {
+// generated is message k's generated payload of n bytes (Action's
+// comment): the byte i % 256 at offset i when seed is 0, else the
+// concatenated SHA-256 blocks of (seed, k, j).
+func generated(seed uint64, k, n uint32) []byte {
 	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(i)
+	if seed == 0 {
+		for i := range b {
+			b[i] = byte(i)
+		}
+		return b
+	}
+	var in [16]byte
+	binary.BigEndian.PutUint64(in[0:], seed)
+	binary.BigEndian.PutUint32(in[8:], k)
+	for j, off := uint32(0), 0; off < len(b); j, off = j+1, off+sha256.Size {
+		binary.BigEndian.PutUint32(in[12:], j)
+		sum := sha256.Sum256(in[:])
+		copy(b[off:], sum[:])
 	}
 	return b
 }
 
-func responsePayload(a *conformancev1.Action, payload []byte) []byte {
-	if a.GetResponseSize() > 0 {
-		return pattern(a.GetResponseSize())
+// responseSizes are the payload sizes of the messages an action sends on a
+// stream: one per response_sizes entry, else response_count of
+// response_size (0: an echo, marked -1).
+func responseSizes(a *conformancev1.Action) []int64 {
+	if s := a.GetResponseSizes(); len(s) > 0 {
+		out := make([]int64, len(s))
+		for i, n := range s {
+			out[i] = int64(n)
+		}
+		return out
+	}
+	out := make([]int64, a.GetResponseCount())
+	for i := range out {
+		out[i] = int64(a.GetResponseSize())
+		if out[i] == 0 {
+			out[i] = -1
+		}
+	}
+	return out
+}
+
+// singlePayload is the payload of a Unary or ClientStream response (k 0):
+// the first response_sizes entry, else response_size, else the echo.
+func singlePayload(a *conformancev1.Action, payload []byte) []byte {
+	if s := a.GetResponseSizes(); len(s) > 0 {
+		return generated(a.GetSeed(), 0, s[0])
+	}
+	if n := a.GetResponseSize(); n > 0 {
+		return generated(a.GetSeed(), 0, n)
 	}
 	return payload
 }
@@ -219,9 +275,9 @@ func (s *service) Unary(ctx context.Context, req *conformancev1.UnaryRequest) (*
 	if err := before(ctx, a, func(md metadata.MD) error { return grpc.SetHeader(ctx, md) }); err != nil {
 		return nil, err
 	}
-	resp := &conformancev1.UnaryResponse{Payload: responsePayload(a, req.GetPayload())}
+	resp := &conformancev1.UnaryResponse{Payload: singlePayload(a, req.GetPayload())}
 	if a.GetObserve() {
-		resp.Observation = c.obs
+		resp.Observation = c.snapshot()
 	}
 	if err := after(a, func(md metadata.MD) { _ = grpc.SetTrailer(ctx, md) }); err != nil {
 		return nil, err
@@ -232,7 +288,7 @@ func (s *service) Unary(ctx context.Context, req *conformancev1.UnaryRequest) (*
 // sendAll sends an action's response messages on a stream; index counts
 // the messages of the whole stream.
 func sendAll(ctx context.Context, c *call, a *conformancev1.Action, payload []byte, index *uint32, send func(payload []byte, index uint32, obs *conformancev1.Observation) error) error {
-	for i := range a.GetResponseCount() {
+	for i, size := range responseSizes(a) {
 		if i > 0 && a.GetMessageInterval() != nil {
 			t := time.NewTimer(a.GetMessageInterval().AsDuration())
 			select {
@@ -244,9 +300,13 @@ func sendAll(ctx context.Context, c *call, a *conformancev1.Action, payload []by
 		}
 		var obs *conformancev1.Observation
 		if i == 0 && a.GetObserve() {
-			obs = c.obs
+			obs = c.snapshot()
 		}
-		if err := send(responsePayload(a, payload), *index, obs); err != nil {
+		p := payload
+		if size >= 0 {
+			p = generated(a.GetSeed(), *index, uint32(size))
+		}
+		if err := send(p, *index, obs); err != nil {
 			return err
 		}
 		*index++
@@ -306,12 +366,13 @@ func (s *service) ClientStream(stream grpc.ClientStreamingServer[conformancev1.C
 		}
 	}
 	resp := &conformancev1.ClientStreamResponse{
-		Payload:      responsePayload(first, last),
-		RequestCount: c.obs.RequestCount,
-		RequestBytes: c.obs.RequestBytes,
+		Payload:       singlePayload(first, last),
+		RequestCount:  c.obs.RequestCount,
+		RequestBytes:  c.obs.RequestBytes,
+		RequestDigest: c.obs.RequestDigest,
 	}
 	if first.GetObserve() {
-		resp.Observation = c.obs
+		resp.Observation = c.snapshot()
 	}
 	return stream.SendAndClose(resp)
 }

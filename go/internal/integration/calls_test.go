@@ -461,3 +461,26 @@ func TestHeadersSurviveAFailedSend(t *testing.T) {
 		t.Fatalf("headers %v, want x-echo-kept", h)
 	}
 }
+
+// TestServerStreamEndedBeforeRequest: a server-streaming call that the
+// plugin ends before its request is sent (an unknown method) reports the
+// plugin's status, as on a *grpc.ClientConn, whose one SendMsg of the
+// generated code returns nil rather than io.EOF.
+func TestServerStreamEndedBeforeRequest(t *testing.T) {
+	o := startOperator(t)
+	o.plugin(t, "p", &testService{})
+	p, err := o.reg.Get("p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc := &grpc.StreamDesc{ServerStreams: true}
+	s, err := p.NewStream(ctxTimeout(t, 5*time.Second), desc, "/grpc.testing.TestService/NoSuchMethod")
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the plugin's UNIMPLEMENTED arrives first
+	if err := s.SendMsg(&testgrpc.Empty{}); err != nil {
+		t.Fatalf("SendMsg: %v, want nil (the status is RecvMsg's)", err)
+	}
+	wantCode(t, s.RecvMsg(&testgrpc.Empty{}), codes.Unimplemented)
+}

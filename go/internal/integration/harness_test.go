@@ -4,6 +4,7 @@ package integration_test
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
@@ -24,7 +25,8 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	log.SetLogger(logr.Discard()) // the server logs through controller-runtime
+	log.SetLogger(logr.Discard())                  // the server logs through controller-runtime
+	slog.SetDefault(slog.New(slog.DiscardHandler)) // and plugins through slog by default
 	goleak.VerifyTestMain(m)
 }
 

@@ -723,3 +723,32 @@ func TestRawOperatorUnansweredRegistration(t *testing.T) {
 		t.Fatalf("Close took %v with the registration unanswered", el)
 	}
 }
+
+// TestRawPluginGoAwayCrossesAnOpen: the operator opens a call as the
+// plugin's drain GoAway is on its way. The GoAway's last_stream_id says the
+// plugin never saw that stream, so the operator fails it at once as never
+// run, and the registry sends the call to another instance (spec 12.1).
+func TestRawPluginGoAwayCrossesAnOpen(t *testing.T) {
+	op := startOperator(t)
+	op.plugin(t, "raw", &testService{}) // a real instance
+	p := registerRaw(t, op, "raw")      // the newest: it takes the first call
+	done := make(chan error, 1)
+	go func() {
+		_, err := op.call(t, "raw").EmptyCall(ctxTimeout(t, 10*time.Second), &testgrpc.Empty{})
+		done <- err
+	}()
+	p.expect("open", on(1, "open"))
+	var last uint64 // the GoAway left before stream 1 arrived
+	p.sendFrames(&pb.Frame{Kind: &pb.Frame_GoAway{GoAway: &pb.GoAway{Reason: status.New(codes.Unavailable, "plugin shutting down").Proto(), LastStreamId: &last}}})
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("the call crossing the GoAway failed: %v, want it served by the other instance", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the call crossing the GoAway is still waiting for an answer")
+	}
+	// The raw plugin's late refusal of stream 1 is for a known id: ignored.
+	p.sendFrames(closeF(1, status.New(codes.Unavailable, "tunnel is draining")))
+	p.alive(1)
+}

@@ -329,6 +329,14 @@ func (cs *clientStream) SendMsg(m any) error {
 	if err != nil {
 		if !errors.Is(err, io.EOF) {
 			cs.finish(err)
+			return err
+		}
+		if !cs.desc.ClientStreams {
+			// As grpc-go: generated code fails a server-streaming call on
+			// any error from its one SendMsg, so a stream that ended
+			// before the request left says nothing here and RecvMsg
+			// reports its status.
+			return nil
 		}
 		return err
 	}

@@ -31,8 +31,10 @@ func pongFrame(nonce uint64) *pb.Frame {
 	return &pb.Frame{Kind: &pb.Frame_Pong{Pong: &pb.Pong{Nonce: nonce}}}
 }
 
-func goAwayFrame(reason *status.Status) *pb.Frame {
-	return &pb.Frame{Kind: &pb.Frame_GoAway{GoAway: &pb.GoAway{Reason: reason.Proto()}}}
+// goAwayFrame says that this side takes no stream above lastPeerID, the
+// highest id the peer opened that this side had received (spec 12.1).
+func goAwayFrame(reason *status.Status, lastPeerID uint64) *pb.Frame {
+	return &pb.Frame{Kind: &pb.Frame_GoAway{GoAway: &pb.GoAway{Reason: reason.Proto(), LastStreamId: &lastPeerID}}}
 }
 
 func openFrame(id uint64, method string, md metadata.MD, timeout *durationpb.Duration) *pb.Frame {

@@ -148,7 +148,7 @@ func seedBatches() [][]*pb.Frame {
 			windowUpdateFrame(3, 100),
 			cancelFrame(3, status.New(codes.Canceled, "")),
 		},
-		{pingFrame(7), goAwayFrame(status.New(codes.Unavailable, "bye"))},
+		{pingFrame(7), goAwayFrame(status.New(codes.Unavailable, "bye"), 0)},
 		{messageFrame(5, 1, []byte{1}), closeFrame(2, status.New(codes.OK, ""), nil)},
 	}
 }

@@ -189,8 +189,9 @@ func (ss *serverStream) close(frames []outFrame, st *status.Status) {
 	}
 	s.endLocked(stateClosed)
 	s.mu.Unlock()
-	s.t.removeStream(s) // before the Close: the caller may reuse the slot once it has it
+	s.t.releaseSlot(s) // before the Close: the caller may reuse the slot once it has it
 	s.t.w.enqueueOut(s, frames)
+	s.t.removeStream(s)
 }
 
 // handlerStatus is the status a handler's error stands for.

@@ -65,6 +65,8 @@ type stream struct {
 	queued  bool
 	aborted bool // nothing more is sent on this stream
 
+	slotFreed bool // guarded by t.mu
+
 	mu         sync.Mutex
 	state      streamState
 	send       sendWindow
@@ -78,6 +80,7 @@ type stream struct {
 	header     metadata.MD
 	trailer    metadata.MD
 	final      *status.Status // caller: the call's status once known
+	refused    bool           // caller: the peer never ran it (refusedByPeer)
 
 	headerC    chan struct{} // caller: closed when headers, a message or the end arrives
 	recvNotify chan struct{} // data or state change for the consumer
@@ -313,6 +316,9 @@ func (s *stream) assembleLocked() (msg []byte, buf mem.Buffer, ok bool, chunks, 
 func (s *stream) recvEndLocked() error {
 	switch {
 	case s.caller && s.state == stateClosed:
+		if s.refused {
+			return refusedError{s.final}
+		}
 		if s.final.Code() != codes.OK {
 			return s.final.Err()
 		}
@@ -502,9 +508,29 @@ func (s *stream) abort(st *status.Status) {
 	if s.caller {
 		s.t.w.control(cancelFrame(s.id, st))
 	} else {
-		s.t.removeStream(s) // before the Close: the caller may reuse the slot once it has it
+		s.t.releaseSlot(s) // before the Close: the caller may reuse the slot once it has it
 		s.t.w.control(closeFrame(s.id, st, nil))
+		s.t.removeStream(s)
 	}
+}
+
+// refusedByPeer ends a caller stream that crossed the peer's GoAway: the
+// peer never ran it and refuses it (spec 12.1), so it fails at once, in a
+// way the registry may retry elsewhere, and its slot is freed. The peer's
+// refusal, when it comes, is for a known id and ignored.
+func (s *stream) refusedByPeer() {
+	s.mu.Lock()
+	if !s.live() {
+		s.mu.Unlock()
+		return
+	}
+	s.refused = true
+	s.final = status.New(codes.Unavailable, "plugin tunnel is draining")
+	s.dropReceivedLocked()
+	s.endLocked(stateClosed)
+	s.mu.Unlock()
+	s.t.w.discard(s)
+	s.t.removeStream(s)
 }
 
 // tunnelClosed ends the stream because the tunnel is gone.

@@ -252,11 +252,12 @@ func (t *Tunnel) leave(st *status.Status) bool {
 		t.failure = st
 		t.goingAway = true // no new streams either way
 	}
+	last := t.lastPeerID
 	t.mu.Unlock()
 	if !first {
 		return false
 	}
-	t.w.control(goAwayFrame(st))
+	t.w.control(goAwayFrame(st, last))
 	t.w.flush()
 	time.AfterFunc(writerStopTimeout, func() { t.close(st) })
 	return true
@@ -284,10 +285,11 @@ func (t *Tunnel) closeFlushed() {
 func (t *Tunnel) GoAway(reason *status.Status) {
 	t.mu.Lock()
 	sent := t.goingAway
-	t.goingAway = true
+	t.goingAway = true // from here on, handleOpen refuses every id above last
+	last := t.lastPeerID
 	t.mu.Unlock()
 	if !sent {
-		t.w.control(goAwayFrame(reason))
+		t.w.control(goAwayFrame(reason, last))
 	}
 }
 
@@ -336,19 +338,39 @@ func (t *Tunnel) Accepting() bool {
 	return t.phase == phaseReady && !t.goingAway && !t.peerGoAway && t.err == nil
 }
 
-// removeStream forgets a finished stream and frees its concurrency slot.
+// releaseSlot frees a stream's concurrency slot, once. A handler frees it
+// before it queues its StreamClose (spec 6.7), so that a caller reusing the
+// slot at once is never refused.
+func (t *Tunnel) releaseSlot(s *stream) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.releaseSlotLocked(s)
+}
+
+func (t *Tunnel) releaseSlotLocked(s *stream) {
+	if s.slotFreed || t.streams[s.id] != s {
+		return
+	}
+	s.slotFreed = true
+	if !s.caller {
+		t.handling--
+	} else if t.slots != nil {
+		<-t.slots
+	}
+}
+
+// removeStream forgets a finished stream, freeing its slot if not yet
+// done. A handler calls it only once its last frames are queued: a drain
+// waits for the tunnel to have no stream, then flushes the queues, and
+// must find those frames there.
 func (t *Tunnel) removeStream(s *stream) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.streams[s.id] != s {
 		return
 	}
+	t.releaseSlotLocked(s)
 	delete(t.streams, s.id)
-	if !s.caller {
-		t.handling--
-	} else if t.slots != nil {
-		<-t.slots
-	}
 	if len(t.streams) == 0 {
 		close(t.idle)
 		t.idle = make(chan struct{})
@@ -564,7 +586,18 @@ func (t *Tunnel) handleTunnelFrame(f *pb.Frame) *status.Status {
 		reason := statusFromProto(k.GoAway.GetReason(), codes.Unavailable)
 		t.mu.Lock()
 		t.peerGoAway = true
+		var crossed []*stream
+		if k.GoAway.LastStreamId != nil {
+			for id, s := range t.streams {
+				if s.caller && id > k.GoAway.GetLastStreamId() {
+					crossed = append(crossed, s)
+				}
+			}
+		}
 		t.mu.Unlock()
+		for _, s := range crossed {
+			s.refusedByPeer()
+		}
 		if c := reason.Code(); c != codes.OK && c != codes.Unavailable {
 			t.log.Info("peer reported a tunnel error", "code", c, "reason", reason.Message())
 		}

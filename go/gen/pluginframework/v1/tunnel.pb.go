@@ -857,7 +857,12 @@ type GoAway struct {
 	// Why the tunnel is going away. OK or UNAVAILABLE for a drain; any other
 	// code reports a tunnel error, after which the sender closes the tunnel
 	// without waiting.
-	Reason        *status.Status `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason *status.Status `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The highest stream id the receiver of this GoAway opened that the
+	// sender had received when it sent it. The receiver's streams with higher
+	// ids crossed the GoAway: the sender refuses them, so the receiver fails
+	// them at once as never run (spec 12.1). Unset: not said (an older peer).
+	LastStreamId  *uint64 `protobuf:"varint,2,opt,name=last_stream_id,json=lastStreamId,proto3,oneof" json:"last_stream_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -897,6 +902,13 @@ func (x *GoAway) GetReason() *status.Status {
 		return x.Reason
 	}
 	return nil
+}
+
+func (x *GoAway) GetLastStreamId() uint64 {
+	if x != nil && x.LastStreamId != nil {
+		return *x.LastStreamId
+	}
+	return 0
 }
 
 // StreamOpen starts a call: the sender is the caller, the receiver runs the
@@ -1369,9 +1381,11 @@ const file_pluginframework_v1_tunnel_proto_rawDesc = "" +
 	"\x04Ping\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\x04R\x05nonce\"\x1c\n" +
 	"\x04Pong\x12\x14\n" +
-	"\x05nonce\x18\x01 \x01(\x04R\x05nonce\"4\n" +
+	"\x05nonce\x18\x01 \x01(\x04R\x05nonce\"r\n" +
 	"\x06GoAway\x12*\n" +
-	"\x06reason\x18\x01 \x01(\v2\x12.google.rpc.StatusR\x06reason\"\x98\x01\n" +
+	"\x06reason\x18\x01 \x01(\v2\x12.google.rpc.StatusR\x06reason\x12)\n" +
+	"\x0elast_stream_id\x18\x02 \x01(\x04H\x00R\flastStreamId\x88\x01\x01B\x11\n" +
+	"\x0f_last_stream_id\"\x98\x01\n" +
 	"\n" +
 	"StreamOpen\x12\x16\n" +
 	"\x06method\x18\x01 \x01(\tR\x06method\x12=\n" +
@@ -1491,6 +1505,7 @@ func file_pluginframework_v1_tunnel_proto_init() {
 		(*Frame_Close)(nil),
 		(*Frame_WindowUpdate)(nil),
 	}
+	file_pluginframework_v1_tunnel_proto_msgTypes[10].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
