@@ -202,11 +202,11 @@ func WithConnectionIdleTimeout(d time.Duration) Option {
 
 // WithMaxConnectionAge ends connections once they are age old (gRPC's
 // MaxConnectionAge, ±10 %) with a GoAway; tunnels on them get grace more
-// to finish, then the connection closes. Plugins reconnect at once on a
-// new connection, which is how a rotated serving certificate (WithTLS)
-// reaches every plugin. Default: no limit. Set it through this option
-// rather than grpc.KeepaliveParams, which would replace the server's
-// keepalive settings.
+// to finish (0: as long as they need), then the connection closes.
+// Plugins reconnect at once on a new connection, which is how a rotated
+// serving certificate (WithTLS) reaches every plugin. Default: no limit.
+// Set it through this option rather than grpc.KeepaliveParams, which
+// would replace the server's keepalive settings.
 func WithMaxConnectionAge(age, grace time.Duration) Option {
 	return optionFunc(func(c *config) { c.limits.maxConnAge, c.limits.maxConnAgeGrace = age, grace })
 }
