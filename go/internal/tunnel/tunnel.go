@@ -490,7 +490,7 @@ func (t *Tunnel) handleFrame(f *pb.Frame, buf mem.Buffer) *status.Status {
 	case nil:
 		return nil // a frame kind from a later version: ignored
 	default:
-		return status.Newf(codes.Internal, "%s frame on stream %d", kindName(f), f.GetStreamId())
+		return status.Newf(codes.Internal, "tunnel frame %s on stream %d", kindName(f), f.GetStreamId())
 	}
 	t.mu.Lock()
 	ready := t.phase == phaseReady
@@ -607,7 +607,7 @@ func (t *Tunnel) handleTunnelFrame(f *pb.Frame) *status.Status {
 	case nil:
 		// A frame kind from a later version: ignored.
 	default:
-		return status.Newf(codes.Internal, "%s frame on stream 0", kindName(f))
+		return status.Newf(codes.Internal, "stream frame %s on stream 0", kindName(f))
 	}
 	return nil
 }
@@ -734,6 +734,7 @@ func (t *Tunnel) Accept(instanceID string) {
 // Reject refuses the registration (operator side) and closes the tunnel
 // once the answer is sent.
 func (t *Tunnel) Reject(st *status.Status) {
+	st = fitStatus(st, preRegistrationBatch-batchReserve) // the answer is sent before registration (spec 3.3)
 	t.mu.Lock()
 	t.failure = st
 	t.mu.Unlock()
