@@ -456,6 +456,8 @@ func (t *Tunnel) transportStatus(err error) *status.Status {
 		return status.New(codes.Unavailable, "peer closed the tunnel")
 	case ok && st.Code() == codes.ResourceExhausted:
 		return st // a batch over the receive limit: the peer's fault, said as it is
+	case ok && (st.Code() == codes.Unauthenticated || st.Code() == codes.PermissionDenied):
+		return st // the operator refused the tunnel's credentials: a plugin must see why
 	}
 	peerName := "plugin"
 	if t.cfg.Side == PluginSide {
