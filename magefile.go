@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -206,10 +207,41 @@ func Bench() error {
 	return report.Run()
 }
 
-// Demo runs an operator and Go plugins on a local socket and has the
-// operator call every kind of RPC.
+// Demo runs an operator and plugins on a local socket, one per SDK in the
+// tree (Go, and Python and Rust when sdk/python and sdk/rust exist), and
+// has the operator call each with every kind of RPC. The first run creates
+// the Python environment and builds the Rust plugin (minutes, said so).
 func Demo() error {
-	return runIn("examples", nil, "go", "run", "./demo")
+	args := []string{"run", "./demo"}
+	for _, sdk := range demoSDKs() {
+		if !sdk.present() {
+			continue
+		}
+		argv, err := sdk.command()
+		if err != nil {
+			return fmt.Errorf("the %s demo plugin: %w", sdk.name, err)
+		}
+		enc, err := json.Marshal(argv)
+		if err != nil {
+			return err
+		}
+		args = append(args, "-plugin", sdk.name+"="+string(enc))
+	}
+	return runIn("examples", nil, "go", args...)
+}
+
+// demoSDK is another SDK's demo plugin: when it is in the tree, and the
+// command that runs it (building it first if needed).
+type demoSDK struct {
+	name    string
+	present func() bool
+	command func() ([]string, error)
+}
+
+func demoSDKs() []demoSDK {
+	return []demoSDK{
+		{"validator-python", pythonPresent, pythonDemoPlugin},
+	}
 }
 
 func absTool(name string) string {
