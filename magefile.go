@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -54,13 +55,20 @@ func goBuild(modfile, out, pkg string) error {
 func tool(name string) string { return filepath.Join(binDir, name) }
 
 // Generate regenerates the code generated from proto/ (into go/gen) and
-// from examples/proto (into examples/gen).
+// from examples/proto (into examples/gen), and the Python SDK's (into
+// sdk/python).
 func Generate() error {
 	mg.Deps(Tools)
 	if err := sh.RunV(tool("buf"), "generate"); err != nil {
 		return err
 	}
-	return sh.RunV(tool("buf"), "generate", "--template", "examples/buf.gen.yaml")
+	if err := sh.RunV(tool("buf"), "generate", "--template", "examples/buf.gen.yaml"); err != nil {
+		return err
+	}
+	if pythonPresent() {
+		return Python{}.Generate() // magefile_python.go
+	}
+	return nil
 }
 
 // Breaking checks proto/ for changes that break wire compatibility with a
@@ -75,7 +83,7 @@ func Breaking() error {
 }
 
 // Lint checks formatting, vet, staticcheck, buf lint, and that generated
-// code matches proto/.
+// code matches proto/; for the Python SDK, ruff, mypy and its generated code.
 func Lint() error {
 	mg.Deps(Tools)
 	out, err := sh.Output("gofmt", append([]string{"-l", "magefile.go"}, goModules()...)...)
@@ -98,6 +106,11 @@ func Lint() error {
 	}
 	if err := checkGenerated(); err != nil {
 		return err
+	}
+	if pythonPresent() {
+		if err := (Python{}).Lint(); err != nil { // magefile_python.go
+			return err
+		}
 	}
 	if rustPresent() {
 		return RustLint() // magefile_rust.go
@@ -136,8 +149,9 @@ func goModules() []string {
 }
 
 // Test runs lint and every test suite: the Go tests with the race detector
-// and goroutine-leak checks, the conformance suite against every SDK, and
-// the end-to-end tests against real Kubernetes components.
+// and goroutine-leak checks, the Python SDK's pytest suite, the conformance
+// suite against every SDK, and the end-to-end tests against real Kubernetes
+// components.
 func Test(ctx context.Context) error {
 	mg.SerialCtxDeps(ctx, Lint)
 	for _, dir := range goModules() {
@@ -145,8 +159,13 @@ func Test(ctx context.Context) error {
 			return err
 		}
 	}
+	if pythonPresent() {
+		if err := pythonTests(); err != nil { // magefile_python.go; Lint ran above
+			return err
+		}
+	}
 	if rustPresent() {
-		if err := RustTest(); err != nil { // magefile_rust.go
+		if err := RustTest(); err != nil { // magefile_rust.go; Lint ran above
 			return err
 		}
 	}
@@ -198,10 +217,42 @@ func Bench() error {
 	return report.Run()
 }
 
-// Demo runs an operator and Go plugins on a local socket and has the
-// operator call every kind of RPC.
+// Demo runs an operator and plugins on a local socket, one per SDK in the
+// tree (Go, and Python and Rust when sdk/python and sdk/rust exist), and
+// has the operator call each with every kind of RPC. The first run creates
+// the Python environment and builds the Rust plugin (minutes, said so).
 func Demo() error {
-	return runIn("examples", nil, "go", "run", "./demo")
+	args := []string{"run", "./demo"}
+	for _, sdk := range demoSDKs() {
+		if !sdk.present() {
+			continue
+		}
+		argv, err := sdk.command()
+		if err != nil {
+			return fmt.Errorf("the %s demo plugin: %w", sdk.name, err)
+		}
+		enc, err := json.Marshal(argv)
+		if err != nil {
+			return err
+		}
+		args = append(args, "-plugin", sdk.name+"="+string(enc))
+	}
+	return runIn("examples", nil, "go", args...)
+}
+
+// demoSDK is another SDK's demo plugin: when it is in the tree, and the
+// command that runs it (building it first if needed).
+type demoSDK struct {
+	name    string
+	present func() bool
+	command func() ([]string, error)
+}
+
+func demoSDKs() []demoSDK {
+	return []demoSDK{
+		{"validator-python", pythonPresent, pythonDemoPlugin},
+		{"validator-rust", rustPresent, rustDemoPlugin}, // magefile_rust.go
+	}
 }
 
 func absTool(name string) string {

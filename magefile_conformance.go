@@ -44,7 +44,11 @@ func conformanceSDKs() []conformanceSDK {
 				if _, err := os.Stat(script); err != nil {
 					return "", fmt.Errorf("sdk/python has no conformance_plugin.py (docs/conformance.md, \"Adding an SDK\"): %w", err)
 				}
-				return "python3 " + script, nil
+				py, err := pythonVenv() // magefile_python.go
+				if err != nil {
+					return "", err
+				}
+				return fmt.Sprintf("'%s' '%s'", py, script), nil
 			},
 		},
 		{

@@ -12,8 +12,10 @@ import (
 
 // E2E runs the end-to-end security tests (go/internal/e2e) against the real
 // Kubernetes binaries: etcd and kube-apiserver through envtest, and
-// kube-rbac-proxy. It builds the binaries first when they are missing
-// (K8s.Binaries; minutes the first time, nothing afterwards).
+// kube-rbac-proxy, and the adversarial tests (go/internal/hostile), whose
+// attacks on authentication need the API server. It builds the binaries
+// first when they are missing (K8s.Binaries; minutes the first time,
+// nothing afterwards).
 func E2E(ctx context.Context) error {
 	mg.CtxDeps(ctx, K8s.Binaries)
 	start := time.Now()
@@ -24,7 +26,7 @@ func E2E(ctx context.Context) error {
 	err := runIn("go", map[string]string{
 		"KUBEBUILDER_ASSETS": k8sAssetsDir(),
 		"KUBE_RBAC_PROXY":    k8sRBACProxyPath(),
-	}, mg.GoCmd(), append(args, "./internal/e2e/")...)
+	}, mg.GoCmd(), append(args, "./internal/e2e/", "./internal/hostile/")...)
 	fmt.Printf("e2e: %s\n", time.Since(start).Round(time.Second))
 	return err
 }

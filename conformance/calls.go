@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -27,8 +28,25 @@ type callResult struct {
 	trailer   metadata.MD
 	responses []proto.Message
 	took      time.Duration
-	err       error // the runner could not make the call
+	err       error  // the runner could not make the call
+	sdk       string // the SDK under test, for HANDLER_CRASH
 }
+
+// handlerCrash is the code, in a case's expectation, that a crashed
+// handler gives in the SDK's language (spec 10.2): a Python handler's
+// uncaught exception is UNKNOWN, as from grpc.aio; a Go or Rust panic is
+// INTERNAL.
+const handlerCrash = "HANDLER_CRASH"
+
+func crashCode(sdk string) codes.Code {
+	if sdk == "python" {
+		return codes.Unknown
+	}
+	return codes.Internal
+}
+
+// sdkKey carries the SDK under test in a case's context.
+type sdkKey struct{}
 
 // bgCall is a call running in the background.
 type bgCall struct {
@@ -107,7 +125,9 @@ func (cs *CallStep) outgoing() (metadata.MD, error) {
 
 // doCall makes one call on conn. hold, when set, is closed to let a held
 // call go on reading (it is cancelled by then).
-func doCall(ctx context.Context, conn grpc.ClientConnInterface, cs *CallStep, hold <-chan struct{}) callResult {
+func doCall(ctx context.Context, conn grpc.ClientConnInterface, cs *CallStep, hold <-chan struct{}) (out callResult) {
+	sdk, _ := ctx.Value(sdkKey{}).(string)
+	defer func() { out.sdk = sdk }()
 	reqs, err := cs.requests()
 	if err != nil {
 		return callResult{err: err}
@@ -279,6 +299,9 @@ func (e *Expectation) check(res callResult) error {
 		return res.err
 	}
 	want, _ := codeByName(e.Code)
+	if e.Code == handlerCrash {
+		want = crashCode(res.sdk)
+	}
 	if got := res.st.Code(); got != want {
 		return fmt.Errorf("status %s (%q), want %s", codeName(got), res.st.Message(), codeName(want))
 	}

@@ -73,7 +73,10 @@ func newReplicaOperator(spec OperatorSpec, i int, rs *replicaSet, logf func(stri
 
 func (o *realOperator) options() []server.Option {
 	s := o.spec
-	opts := []server.Option{}
+	// The cases' operators listen on loopback, without credentials unless
+	// the case gives a token; and with the protocol's default batch limit,
+	// which the raw plugin's batches assume.
+	opts := []server.Option{server.WithInsecureNoAuthentication(), server.WithMaxBatchSize(4 << 20)}
 	if s.MaxMessageSize > 0 {
 		opts = append(opts, server.WithMaxMessageSize(int(s.MaxMessageSize)))
 	}

@@ -52,6 +52,9 @@ func codeByName(name string) (codes.Code, error) {
 	if name == "" {
 		return codes.OK, nil
 	}
+	if name == handlerCrash {
+		return codes.Internal, nil // resolved per SDK when checked
+	}
 	if i := slices.Index(codeNames, name); i >= 0 {
 		return codes.Code(i), nil
 	}

@@ -287,7 +287,7 @@ func indent(s, prefix string) string {
 func runCase(ctx context.Context, cfg Config, sdk SDK, c *Case) (Result, caseLogs) {
 	res := Result{SDK: sdk.Name, Case: c.Name, Known: sdk.KnownFailing[c.Name]}
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(ctx, c.Timeout.D(60*time.Second))
+	ctx, cancel := context.WithTimeout(context.WithValue(ctx, sdkKey{}, sdk.Name), c.Timeout.D(60*time.Second))
 	defer cancel()
 	r := &caseRun{c: c, sdk: sdk, grace: cfg.Grace, log: &syncBuffer{}, start: start, calls: map[string]*bgCall{}, seed: caseSeed(cfg.Seed, c.Name), runSeed: cfg.Seed}
 	err := r.setup(ctx)

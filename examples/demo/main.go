@@ -6,8 +6,11 @@
 //
 //	go run ./demo    (or `go run mage.go demo` from the repository root)
 //
-// With -v it also prints the operator side's logs. It exits with status 1
-// when any step fails.
+// With -v it also prints the operator side's logs. Each -plugin
+// NAME=["program","arg",...] runs one more plugin process, which serves
+// the same validator service under NAME and gets the same calls: `go run
+// mage.go demo` adds the Python and Rust SDKs' plugins so. It exits with
+// status 1 when any step fails.
 package main
 
 import (
@@ -19,6 +22,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -41,10 +45,16 @@ func main() {
 		return
 	}
 	verbose := flag.Bool("v", false, "also print the operator side's logs")
+	var sdks []sdkPlugin
+	flag.Func("plugin", `one more plugin: NAME=["program","arg",...]`, func(s string) error {
+		p, err := parseSDKPlugin(s)
+		sdks = append(sdks, p)
+		return err
+	})
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
-	err := run(ctx, os.Stdout, *verbose)
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	err := run(ctx, os.Stdout, *verbose, sdks...)
 	cancel()
 	stop()
 	if err != nil {
@@ -54,8 +64,9 @@ func main() {
 }
 
 // run is the whole demo, printing to out; verbose adds the operator side's
-// logs to what the registry tells.
-func run(ctx context.Context, out io.Writer, verbose bool) error {
+// logs to what the registry tells. sdks are plugins of other SDKs, called
+// as the Go one is.
+func run(ctx context.Context, out io.Writer, verbose bool, sdks ...sdkPlugin) error {
 	start := time.Now()
 	w := &syncWriter{w: out}
 	dir, err := os.MkdirTemp("", "opf-demo-")
@@ -77,34 +88,95 @@ func run(ctx context.Context, out io.Writer, verbose bool) error {
 	defer op.stop()
 	printf(w, "operator", "listening on %s", target)
 
-	// The plugin side: another process, which dials the operator.
-	plugin, err := startPlugin(target, w)
+	// The plugin side: other processes, which dial the operator.
+	goPlugin, err := startPlugin(target, w)
 	if err != nil {
 		return fmt.Errorf("starting the plugin: %w", err)
 	}
-	defer plugin.stop()
-	printf(w, "demo", "started the plugin process (pid %d)", plugin.cmd.Process.Pid)
-
-	// Until the shutdown, the plugin exiting is a failure.
-	live, abort := context.WithCancelCause(ctx)
-	defer abort(nil)
-	go func() {
-		select {
-		case <-plugin.exited:
-			abort(fmt.Errorf("the plugin process exited: %v", plugin.err))
-		case <-live.Done():
+	plugins := []*pluginProcess{goPlugin}
+	defer func() {
+		for _, p := range plugins {
+			p.stop()
 		}
 	}()
+	printf(w, "demo", "started the plugin process (pid %d)", goPlugin.cmd.Process.Pid)
+	for _, sdk := range sdks {
+		p, err := startProcess(sdk.name, sdk.argv, target, w)
+		if err != nil {
+			return fmt.Errorf("starting the plugin %s: %w", sdk.name, err)
+		}
+		plugins = append(plugins, p)
+		printf(w, "demo", "started the plugin process %s (pid %d): %s", sdk.name, p.cmd.Process.Pid, strings.Join(sdk.argv, " "))
+	}
 
-	wctx, cancel := context.WithTimeout(live, 10*time.Second)
+	// Until the shutdown, a plugin exiting is a failure.
+	live, abort := context.WithCancelCause(ctx)
+	defer abort(nil)
+	for _, p := range plugins {
+		go func() {
+			select {
+			case <-p.exited:
+				abort(fmt.Errorf("the plugin process %s exited: %v", p.name, p.err))
+			case <-live.Done():
+			}
+		}()
+	}
+
+	// Each plugin gets every call, in turn.
+	instances := map[*pluginProcess]string{}
+	for _, plugin := range plugins {
+		id, err := callPlugin(live, w, op, plugin)
+		if err != nil {
+			if cause := context.Cause(live); cause != nil {
+				err = errors.Join(err, cause)
+			}
+			return err
+		}
+		instances[plugin] = id
+	}
+	abort(nil)
+
+	// The shutdown: each plugin drains on SIGTERM and leaves the registry,
+	// then the operator drains.
+	fmt.Fprintln(w, "\n== shutdown")
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
-	p, err := op.reg.Wait(wctx, pluginName)
+	events := op.reg.Watch(wctx)
+	for _, plugin := range plugins {
+		printf(w, "demo", "sending SIGTERM to the plugin %s", plugin.name)
+		if err := plugin.terminate(); err != nil {
+			return err
+		}
+		if err := waitUnregistered(wctx, events, instances[plugin]); err != nil {
+			return err
+		}
+		printf(w, "operator", "registry: instance %s left", instances[plugin])
+		if err := plugin.wait(10 * time.Second); err != nil {
+			return fmt.Errorf("plugin process %s: %w", plugin.name, err)
+		}
+		printf(w, "demo", "the plugin process %s exited with status 0", plugin.name)
+	}
+	printf(w, "demo", "stopping the operator")
+	if err := op.stop(); err != nil {
+		return fmt.Errorf("operator: %w", err)
+	}
+	printf(w, "operator", "stopped")
+	printf(w, "demo", "done in %s", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// callPlugin waits for plugin to register and makes every call of the demo
+// to it. It returns the instance's id.
+func callPlugin(ctx context.Context, w io.Writer, op *operator, plugin *pluginProcess) (string, error) {
+	wctx, cancel := context.WithTimeout(ctx, 60*time.Second) // an SDK's first start may take a while
+	defer cancel()
+	p, err := op.reg.Wait(wctx, plugin.name)
 	if err != nil {
-		return fmt.Errorf("waiting for the plugin to register: %w", errors.Join(err, context.Cause(wctx)))
+		return "", fmt.Errorf("waiting for the plugin %s to register: %w", plugin.name, errors.Join(err, context.Cause(wctx)))
 	}
 	instances := p.Instances()
 	if len(instances) != 1 {
-		return fmt.Errorf("want 1 instance of %q, got %d", pluginName, len(instances))
+		return "", fmt.Errorf("want 1 instance of %q, got %d", plugin.name, len(instances))
 	}
 	inst := instances[0]
 	// The plugin logs its side of the registration: let that line come
@@ -113,6 +185,7 @@ func run(ctx context.Context, out io.Writer, verbose bool) error {
 	case <-plugin.spoke:
 	case <-time.After(time.Second):
 	}
+	fmt.Fprintf(w, "\n=== plugin %s\n", plugin.name)
 	printf(w, "operator", "registry: plugin %q connected, instance %s, version %s, services %v",
 		inst.Name, inst.ID, inst.Version, inst.Services)
 
@@ -120,40 +193,11 @@ func run(ctx context.Context, out io.Writer, verbose bool) error {
 	// would take a *grpc.ClientConn.
 	calls := demov1.NewValidatorServiceClient(p)
 	for _, step := range steps {
-		if err := step.run(live, w, calls); err != nil {
-			if cause := context.Cause(live); cause != nil {
-				err = errors.Join(err, cause)
-			}
-			return fmt.Errorf("%s: %w", step.name, err)
+		if err := step.run(ctx, w, calls); err != nil {
+			return "", fmt.Errorf("%s: %s: %w", plugin.name, step.name, err)
 		}
 	}
-	abort(nil)
-
-	// The shutdown: the plugin drains on SIGTERM and leaves the registry,
-	// then the operator drains.
-	fmt.Fprintln(w, "\n== shutdown")
-	wctx, cancel = context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	events := op.reg.Watch(wctx)
-	printf(w, "demo", "sending SIGTERM to the plugin")
-	if err := plugin.terminate(); err != nil {
-		return err
-	}
-	if err := waitUnregistered(wctx, events, inst.ID); err != nil {
-		return err
-	}
-	printf(w, "operator", "registry: instance %s left", inst.ID)
-	if err := plugin.wait(10 * time.Second); err != nil {
-		return fmt.Errorf("plugin process: %w", err)
-	}
-	printf(w, "demo", "the plugin process exited with status 0")
-	printf(w, "demo", "stopping the operator")
-	if err := op.stop(); err != nil {
-		return fmt.Errorf("operator: %w", err)
-	}
-	printf(w, "operator", "stopped")
-	printf(w, "demo", "done in %s", time.Since(start).Round(time.Millisecond))
-	return nil
+	return inst.ID, nil
 }
 
 // operator is the operator side: a running server and its registry.

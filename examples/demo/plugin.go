@@ -2,11 +2,14 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -24,6 +27,10 @@ const (
 	pluginCommand = "plugin"
 	targetEnv     = "OPF_TARGET"
 	pluginName    = "validator"
+	// The SDKs' demo plugins read these (sdk/python/examples,
+	// sdk/rust/examples).
+	sdkTargetEnv = "OPF_DEMO_TARGET"
+	sdkNameEnv   = "OPF_DEMO_PLUGIN_NAME"
 )
 
 // runPlugin is the plugin process: it serves the validator through the
@@ -53,23 +60,47 @@ func runPlugin(w io.Writer) error {
 	return nil
 }
 
-// pluginProcess is the plugin as seen from the demo.
+// pluginProcess is a plugin as seen from the demo.
 type pluginProcess struct {
+	name   string // what it registers as
 	cmd    *exec.Cmd
 	spoke  chan struct{} // closed when the process first prints
 	exited chan struct{} // closed when the process has exited
 	err    error         // cmd.Wait's result, set before exited closes
 }
 
-// startPlugin starts the plugin process, its output going to w.
+// startPlugin starts the Go plugin process, its output going to w.
 func startPlugin(target string, w io.Writer) (*pluginProcess, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(self, pluginCommand)
-	cmd.Env = append(os.Environ(), targetEnv+"="+target)
-	p := &pluginProcess{cmd: cmd, spoke: make(chan struct{}), exited: make(chan struct{})}
+	return startProcess(pluginName, []string{self, pluginCommand}, target, w)
+}
+
+// sdkPlugin is a plugin of another SDK the demo runs beside the Go one:
+// its name and the command that starts it (sdk/python, sdk/rust).
+type sdkPlugin struct {
+	name string
+	argv []string
+}
+
+// parseSDKPlugin reads -plugin NAME=["program","arg",...].
+func parseSDKPlugin(s string) (sdkPlugin, error) {
+	name, argv, ok := strings.Cut(s, "=")
+	p := sdkPlugin{name: name}
+	if !ok || name == "" || json.Unmarshal([]byte(argv), &p.argv) != nil || len(p.argv) == 0 {
+		return p, fmt.Errorf("-plugin %q: want NAME=[\"program\",\"argument\",...]", s)
+	}
+	return p, nil
+}
+
+// startProcess starts a plugin process given the operator's address in
+// targetEnv and sdkTargetEnv, its output going to w.
+func startProcess(name string, argv []string, target string, w io.Writer) (*pluginProcess, error) {
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = append(os.Environ(), targetEnv+"="+target, sdkTargetEnv+"="+target, sdkNameEnv+"="+name)
+	p := &pluginProcess{name: name, cmd: cmd, spoke: make(chan struct{}), exited: make(chan struct{})}
 	out := &firstWrite{w: w, done: p.spoke}
 	// One writer for both: exec then writes from one goroutine at a time.
 	cmd.Stdout, cmd.Stderr = out, out

@@ -18,7 +18,9 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -131,7 +133,15 @@ func (o *options) serverOptions(cfg *rest.Config) ([]server.Option, error) {
 			return nil, err
 		}
 		if o.behindProxy {
-			opts, err = auth.BehindKubeRBACProxy(kc)
+			var proxy []auth.ProxyOption
+			if v := os.Getenv("PLUGIN_PROXY_UID"); v != "" { // config/kube-rbac-proxy: the proxy's runAsUser
+				uid, err := strconv.Atoi(v)
+				if err != nil {
+					return nil, fmt.Errorf("PLUGIN_PROXY_UID: %w", err)
+				}
+				proxy = append(proxy, auth.ProxyUID(uid))
+			}
+			opts, err = auth.BehindKubeRBACProxy(kc, proxy...)
 		} else {
 			opts, err = auth.BuiltIn(kc, strings.Split(o.tokenAudiences, ","))
 		}
@@ -147,6 +157,12 @@ func (o *options) serverOptions(cfg *rest.Config) ([]server.Option, error) {
 	}
 	if o.maxTunnelAge > 0 {
 		opts = append(opts, server.WithMaxTunnelAge(o.maxTunnelAge))
+	}
+	// Every replica serves plugins: each says who it is, and how many there
+	// are (config/operator sets both from the Deployment).
+	if pod := os.Getenv("POD_NAME"); pod != "" {
+		n, _ := strconv.Atoi(os.Getenv("OPERATOR_REPLICAS"))
+		opts = append(opts, server.WithReplica(pod, n))
 	}
 	return opts, nil
 }

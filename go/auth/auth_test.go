@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/goleak"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
@@ -29,6 +30,13 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 func jwt(claims string) string {
 	enc := base64.RawURLEncoding.EncodeToString
 	return enc([]byte(`{"alg":"RS256"}`)) + "." + enc([]byte(claims)) + ".c2ln"
+}
+
+// tok is a JWT-shaped token for the audience "aud" that passes the
+// structural check (it expires after the fake clock's start), told apart
+// by name.
+func tok(name string) string {
+	return jwt(`{"aud":["aud"],"exp":1900000000,"sub":"` + name + `"}`)
 }
 
 // fakeClock is a settable clock.
@@ -72,8 +80,9 @@ func (f *fakeTokenReviews) Create(_ context.Context, r *authnv1.TokenReview, _ m
 
 func (f *fakeTokenReviews) count() int { f.mu.Lock(); defer f.mu.Unlock(); return f.calls }
 
+// withToken is a Connect call's context from a remote peer over TLS.
 func withToken(token string) context.Context {
-	ctx := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 1}})
+	ctx := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 1}, AuthInfo: credentials.TLSInfo{}})
 	if token == "" {
 		return ctx
 	}
@@ -130,7 +139,7 @@ func TestTokenExpiry(t *testing.T) {
 	}
 }
 
-func newTestTokenAuth(t *testing.T, f *fakeTokenReviews, cfg TokenAuthenticatorConfig) (*TokenAuthenticator, *fakeClock) {
+func newTestTokenAuth(t *testing.T, f TokenReviewer, cfg TokenAuthenticatorConfig) (*TokenAuthenticator, *fakeClock) {
 	t.Helper()
 	if cfg.Audiences == nil {
 		cfg.Audiences = []string{"aud"}
@@ -145,14 +154,14 @@ func newTestTokenAuth(t *testing.T, f *fakeTokenReviews, cfg TokenAuthenticatorC
 }
 
 func TestTokenAuthenticator(t *testing.T) {
-	good := jwt(`{"exp":1800000600}`)
+	good := jwt(`{"aud":"aud","exp":1800000600}`)
 	f := &fakeTokenReviews{valid: map[string]authnv1.TokenReviewStatus{
 		good: {Authenticated: true, Audiences: []string{"aud"}, User: authnv1.UserInfo{
 			Username: "system:serviceaccount:ns:sa", UID: "uid-1", Groups: []string{"system:serviceaccounts"},
 			Extra: map[string]authnv1.ExtraValue{"authentication.kubernetes.io/pod-name": {"p"}},
 		}},
-		"other-audience": {Authenticated: true, Audiences: []string{"api"}, User: authnv1.UserInfo{Username: "u"}},
-		"no-audiences":   {Authenticated: true, User: authnv1.UserInfo{Username: "u"}},
+		tok("other-audience"): {Authenticated: true, Audiences: []string{"api"}, User: authnv1.UserInfo{Username: "u"}},
+		tok("no-audiences"):   {Authenticated: true, User: authnv1.UserInfo{Username: "u"}},
 	}}
 	a, clock := newTestTokenAuth(t, f, TokenAuthenticatorConfig{})
 
@@ -183,9 +192,9 @@ func TestTokenAuthenticator(t *testing.T) {
 
 	for _, c := range []struct{ name, token string }{
 		{"no token", ""},
-		{"garbage", "garbage"},
-		{"audience not ours", "other-audience"},
-		{"no audience in review", "no-audiences"},
+		{"garbage", tok("garbage")},
+		{"audience not ours", tok("other-audience")},
+		{"no audience in review", tok("no-audiences")},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := a.Authenticate(withToken(c.token))
@@ -195,20 +204,20 @@ func TestTokenAuthenticator(t *testing.T) {
 
 	// A refusal is cached for FailureCacheTTL.
 	n := f.count()
-	_, err = a.Authenticate(withToken("garbage"))
+	_, err = a.Authenticate(withToken(tok("garbage")))
 	wantCode(t, err, codes.Unauthenticated)
 	if f.count() != n {
 		t.Fatalf("refusal not cached")
 	}
 	clock.add(defaultTokenFailureTTL)
-	_, _ = a.Authenticate(withToken("garbage"))
+	_, _ = a.Authenticate(withToken(tok("garbage")))
 	if f.count() != n+1 {
 		t.Fatalf("refusal cached past its TTL")
 	}
 }
 
 func TestTokenCacheNeverOutlivesToken(t *testing.T) {
-	tok := jwt(`{"exp":1800000010}`) // 10 s after the fake clock's start
+	tok := jwt(`{"aud":"aud","exp":1800000010}`) // 10 s after the fake clock's start
 	f := &fakeTokenReviews{valid: map[string]authnv1.TokenReviewStatus{
 		tok: {Authenticated: true, Audiences: []string{"aud"}, User: authnv1.UserInfo{Username: "u"}},
 	}}
@@ -232,7 +241,7 @@ func TestTokenReviewFailureIsUnavailableAndNotCached(t *testing.T) {
 	f := &fakeTokenReviews{failed: errors.New("connection refused")}
 	a, _ := newTestTokenAuth(t, f, TokenAuthenticatorConfig{})
 	for range 2 {
-		_, err := a.Authenticate(withToken("x"))
+		_, err := a.Authenticate(withToken(tok("x")))
 		wantCode(t, err, codes.Unavailable)
 	}
 	if f.count() != 2 {
@@ -242,14 +251,14 @@ func TestTokenReviewFailureIsUnavailableAndNotCached(t *testing.T) {
 
 func TestTokenAuthenticatorNoCache(t *testing.T) {
 	f := &fakeTokenReviews{valid: map[string]authnv1.TokenReviewStatus{
-		"t": {Authenticated: true, Audiences: []string{"aud"}, User: authnv1.UserInfo{Username: "u"}},
+		tok("t"): {Authenticated: true, Audiences: []string{"aud"}, User: authnv1.UserInfo{Username: "u"}},
 	}}
 	a, _ := newTestTokenAuth(t, f, TokenAuthenticatorConfig{CacheTTL: -1, FailureCacheTTL: -1})
 	for range 3 {
-		if _, err := a.AuthenticateToken(context.Background(), "t"); err != nil {
+		if _, err := a.AuthenticateToken(context.Background(), tok("t")); err != nil {
 			t.Fatal(err)
 		}
-		_, _ = a.AuthenticateToken(context.Background(), "bad")
+		_, _ = a.AuthenticateToken(context.Background(), tok("bad"))
 	}
 	if f.count() != 6 {
 		t.Fatalf("%d reviews, want 6", f.count())
@@ -433,7 +442,11 @@ func TestProxyHeaders(t *testing.T) {
 	ctx := func(addr net.Addr, kv ...string) context.Context {
 		c := context.Background()
 		if addr != nil {
-			c = peer.NewContext(c, &peer.Peer{Addr: addr})
+			local := addr
+			if tcp, ok := addr.(*net.TCPAddr); ok {
+				local = &net.TCPAddr{IP: tcp.IP, Port: 9090} // the server's side: same address
+			}
+			c = peer.NewContext(c, &peer.Peer{Addr: addr, LocalAddr: local})
 		}
 		return metadata.NewIncomingContext(c, metadata.Pairs(kv...))
 	}
@@ -447,7 +460,9 @@ func TestProxyHeaders(t *testing.T) {
 		t.Fatalf("IPv6 loopback: %v", err)
 	}
 	for name, c := range map[string]context.Context{
-		"remote peer":  ctx(&net.TCPAddr{IP: net.IPv4(10, 1, 2, 3), Port: 1}, "x-remote-user", "admin"),
+		"remote peer": ctx(&net.TCPAddr{IP: net.IPv4(10, 1, 2, 3), Port: 1}, "x-remote-user", "admin"),
+		"another loopback address": peer.NewContext(metadata.NewIncomingContext(context.Background(), metadata.Pairs("x-remote-user", "admin")),
+			&peer.Peer{Addr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 6), Port: 1}, LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 9090}}),
 		"unix peer":    ctx(&net.UnixAddr{Name: "/s", Net: "unix"}, "x-remote-user", "admin"),
 		"no peer":      ctx(nil, "x-remote-user", "admin"),
 		"no header":    ctx(lo),

@@ -33,6 +33,8 @@ type AuthorizerConfig struct {
 	DenyCacheTTL time.Duration
 	// CacheSize bounds the number of decisions kept. Default 1024.
 	CacheSize int
+	// Limits bound the SubjectAccessReviews sent to the API server.
+	Limits ReviewLimits
 }
 
 const (
@@ -48,6 +50,7 @@ type Authorizer struct {
 	allowTTL time.Duration
 	denyTTL  time.Duration
 	cache    *cache[[sha256.Size]byte, Decision]
+	guard    *guard
 	now      func() time.Time
 }
 
@@ -74,6 +77,7 @@ func NewAuthorizer(reviews SubjectAccessReviewer, cfg AuthorizerConfig) (*Author
 		allowTTL: orDefault(cfg.AllowCacheTTL, defaultAllowTTL),
 		denyTTL:  orDefault(cfg.DenyCacheTTL, defaultDenyTTL),
 		now:      time.Now,
+		guard:    newGuard("access", cfg.Limits),
 	}
 	a.cache = newCache[[sha256.Size]byte, Decision](orDefault(cfg.CacheSize, defaultCacheSize), func() time.Time { return a.now() })
 	return a, nil
@@ -107,13 +111,29 @@ func (a *Authorizer) Authorize(ctx context.Context, id server.Identity, attrs At
 	}
 	key := sha256.Sum256(raw)
 	if d, ok := a.cache.get(key); ok {
+		reviewsAvoided.WithLabelValues("access", "cached").Inc()
 		return d, nil
 	}
+	v, err := a.guard.do(ctx, key, func(ctx context.Context) (any, error) { return a.review(ctx, key, spec) })
+	if err != nil {
+		return Decision{}, err
+	}
+	return v.(Decision), nil
+}
+
+// review asks the API server and caches a complete answer.
+func (a *Authorizer) review(ctx context.Context, key [sha256.Size]byte, spec authzv1.SubjectAccessReviewSpec) (Decision, error) {
 	r, err := a.reviews.Create(ctx, &authzv1.SubjectAccessReview{Spec: spec}, metav1.CreateOptions{})
 	if err != nil {
+		reviewsTotal.WithLabelValues("access", "error").Inc()
 		return Decision{}, status.Errorf(codes.Unavailable, "cannot review access: %v", err)
 	}
 	d := Decision{Allowed: r.Status.Allowed && !r.Status.Denied, Reason: r.Status.Reason}
+	if d.Allowed {
+		reviewsTotal.WithLabelValues("access", "accepted").Inc()
+	} else {
+		reviewsTotal.WithLabelValues("access", "refused").Inc()
+	}
 	if r.Status.EvaluationError != "" && !d.Allowed {
 		// RBAC could not evaluate every rule: an incomplete answer, do not
 		// remember it.

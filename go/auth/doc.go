@@ -12,8 +12,20 @@
 //
 // Behind kube-rbac-proxy (BehindKubeRBACProxy): the proxy terminates TLS,
 // reviews the token and authorizes the same path, and forwards the caller's
-// identity in headers to the server on loopback h2c; ProxyHeaders trusts
-// those headers from loopback peers only.
+// identity in headers to the server on loopback h2c; the server accepts
+// connections only from the proxy (its address and, with ProxyUID, the
+// user its socket belongs to: server.WithLocalProxy), and ProxyHeaders
+// trusts the headers from such a peer only.
+//
+// # Load on the API server
+//
+// Whatever peers send, the reviews they make the operator ask for are
+// bounded (ReviewLimits): tokens that cannot pass are refused before any
+// review (not a JWT for our audiences, or expired), concurrent reviews of
+// one token or access question are one, each has a deadline, and at most
+// so many run at once and start each second, in all and per peer address.
+// Registered tunnels are reviewed again every minute (the server's
+// revalidation), outside the rate limits.
 //
 // # Which plugin names an identity may register
 //

@@ -30,12 +30,14 @@ type ProxyHeadersConfig struct {
 // caller's token (run it with --auth-header-fields-enabled, which also
 // overwrites any such header the caller sent).
 //
-// The headers are trusted only from a loopback TCP peer: the sidecar in
-// the operator's own pod, with the server listening on 127.0.0.1 as h2c.
-// Any other peer is refused, and so is a loopback peer without the user
-// header; both with UNAUTHENTICATED. Every process that can reach the
-// server's loopback port can therefore claim any identity: run nothing
-// else untrusted in the pod, and never expose that port (docs/security.md).
+// The headers are trusted only from a loopback TCP peer whose address is
+// the server's own (the proxy dials 127.0.0.1 from 127.0.0.1; another
+// process can choose 127.0.0.6): the sidecar in the operator's own pod,
+// with the server listening on 127.0.0.1 as h2c. Any other peer is
+// refused, and so is such a peer without the user header; both with
+// UNAUTHENTICATED. That alone does not tell the proxy from another process
+// of the pod: server.WithLocalProxy, which BehindKubeRBACProxy sets, also
+// checks the user the connection's socket belongs to (docs/security.md).
 //
 // The proxy does not forward the token, so the identity carries no expiry:
 // bound tunnels with server.WithMaxTunnelAge.
@@ -45,8 +47,8 @@ func ProxyHeaders(cfg ProxyHeadersConfig) server.Authenticator {
 	sep := orDefaultString(cfg.GroupSeparator, "|")
 	return func(ctx context.Context) (server.Identity, error) {
 		p, _ := peer.FromContext(ctx)
-		if p == nil || !loopback(p.Addr) {
-			return server.Identity{}, status.Error(codes.Unauthenticated, "identity headers are accepted only from kube-rbac-proxy on a loopback address")
+		if p == nil || !fromOwnAddress(p) {
+			return server.Identity{}, status.Error(codes.Unauthenticated, "identity headers are accepted only from kube-rbac-proxy on the server's loopback address")
 		}
 		md, _ := metadata.FromIncomingContext(ctx)
 		users := md.Get(userH)
@@ -72,8 +74,13 @@ func orDefaultString(v, def string) string {
 	return v
 }
 
-// loopback reports whether addr is a TCP address on the loopback network.
-func loopback(addr net.Addr) bool {
-	tcp, ok := addr.(*net.TCPAddr)
-	return ok && tcp.IP.IsLoopback()
+// fromOwnAddress reports a TCP peer on loopback whose address is the one
+// it connected to.
+func fromOwnAddress(p *peer.Peer) bool {
+	remote, ok := p.Addr.(*net.TCPAddr)
+	if !ok || !remote.IP.IsLoopback() {
+		return false
+	}
+	local, ok := p.LocalAddr.(*net.TCPAddr)
+	return ok && local.IP.Equal(remote.IP)
 }

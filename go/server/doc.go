@@ -21,6 +21,15 @@
 //
 // Plugins are identified by an Authenticator (WithAuthenticator) and their
 // registrations accepted or refused by a RegistrationPolicy
-// (WithRegistrationPolicy). Limits and the heartbeat interval have options
-// of their own; the wire protocol is described in docs/tunnel-spec.md.
+// (WithRegistrationPolicy), both run again on every registered tunnel
+// every minute (WithRevalidationInterval). A TCP address needs an
+// authenticator (the auth package has two modes) unless
+// WithInsecureNoAuthentication says otherwise.
+//
+// Everything a peer can make the server hold is bounded, with a default,
+// an option and a metric on controller-runtime's registry: connections,
+// tunnels that are not registered yet, streams per connection, header
+// sizes, idle connections, batch sizes, registration fields; lines logged
+// about peers are rate-limited. docs/security.md lists them ("Limits").
+// The wire protocol is described in docs/tunnel-spec.md.
 package server

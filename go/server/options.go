@@ -5,6 +5,7 @@ import (
 	"net"
 	"time"
 
+	"github.com/go-logr/logr"
 	"google.golang.org/grpc"
 
 	"github.com/guilhem/operator-plugin-framework/go/internal/tunnel"
@@ -32,6 +33,14 @@ type config struct {
 	replicaID        string
 	replicaCount     int
 	security         securityConfig // security.go
+	limits           limits         // limits.go
+	localProxy       localProxy     // proxy.go
+	logger           *logr.Logger
+	authenticated    bool // WithAuthenticator was given
+	insecureNoAuth   bool
+	requireTLS       bool
+	tls              bool // WithTLS was given
+	revalidate       time.Duration
 }
 
 const (
@@ -61,11 +70,12 @@ func WithInitialWindowSize(n int) Option {
 	return optionFunc(func(c *config) { c.settings.InitialWindowSize = n })
 }
 
-// WithMaxConcurrentStreams sets how many plugin-initiated streams a tunnel
-// may hold open. Protocol version 1 has none; the option exists for
-// symmetry with the plugin side. Default 100.
-func WithMaxConcurrentStreams(n int) Option {
-	return optionFunc(func(c *config) { c.settings.MaxConcurrentStreams = n })
+// WithMaxBatchSize sets the largest batch of frames a plugin may send in
+// one gRPC message, in bytes (at least 64 KiB): the most that decoding one
+// batch makes the server hold per tunnel, registered or not. Larger
+// messages are refused by gRPC before they are read. Default 256 KiB.
+func WithMaxBatchSize(n int) Option {
+	return optionFunc(func(c *config) { c.settings.MaxBatchSize = n })
 }
 
 // WithHeartbeatInterval sets how often each side of a tunnel pings the
@@ -95,9 +105,110 @@ func WithRegistrationPolicy(p RegistrationPolicy) Option {
 }
 
 // WithAuthenticator sets how a tunnel's caller is identified. By default
-// nobody is authenticated and Identity carries only the transport peer.
+// nobody is authenticated and Identity carries only the transport peer,
+// which New accepts only on a unix socket (see
+// WithInsecureNoAuthentication).
+//
+// The server runs the authenticator, and the registration policy, again
+// on every open tunnel from time to time (WithRevalidationInterval) with
+// the tunnel's original context, and drains the tunnel when they refuse.
+// IsRevalidation tells such a run from a new tunnel's.
 func WithAuthenticator(a Authenticator) Option {
-	return optionFunc(func(c *config) { c.authenticate = a })
+	return optionFunc(func(c *config) { c.authenticate, c.authenticated = a, true })
+}
+
+// WithInsecureNoAuthentication lets the server listen on TCP without an
+// authenticator: anyone who reaches the port can then register as any
+// plugin and receive its calls. New refuses that combination otherwise.
+// For tests and trusted networks only; a unix socket needs no such option.
+func WithInsecureNoAuthentication() Option {
+	return optionFunc(func(c *config) { c.insecureNoAuth = true })
+}
+
+// WithRequireTLS makes Start fail unless the server serves TLS (WithTLS),
+// or listens on a unix socket or a loopback address, so that the bearer
+// tokens plugins send never cross a network in clear. auth.BuiltIn sets
+// it.
+func WithRequireTLS() Option {
+	return optionFunc(func(c *config) { c.requireTLS = true })
+}
+
+// WithRevalidationInterval sets how often the authenticator and the
+// registration policy are run again on each open tunnel (with 10 % of
+// jitter). A tunnel they refuse (UNAUTHENTICATED, PERMISSION_DENIED: a
+// revoked token, a deleted ServiceAccount, a removed RoleBinding) is
+// drained with that status; a run that cannot decide (UNAVAILABLE, for
+// example the API server is down or the review rate limit is reached) is
+// retried after 5 s (or the interval, if shorter) and keeps the tunnel. With the auth package's caches,
+// whose default lifetime is also a minute, each tunnel's token is reviewed
+// again about once a minute. Only when an authenticator is set. Default
+// 1 minute; negative disables it.
+func WithRevalidationInterval(d time.Duration) Option {
+	return optionFunc(func(c *config) { c.revalidate = d })
+}
+
+// WithLogger sets the server's logger. Default: the logger of the context
+// given to Start (log.FromContext), which is controller-runtime's global
+// logger (ctrl.Log) unless the context carries another. Lines about peers
+// are rate-limited whichever logger is used.
+func WithLogger(lg logr.Logger) Option {
+	return optionFunc(func(c *config) { c.logger = &lg })
+}
+
+// WithMaxConnections bounds the connections the server holds: total in
+// all, and perPeer from one IP address, so that one pod cannot take them
+// all. A connection over a limit is closed as soon as it is accepted
+// (metric plugin_framework_server_connections_refused_total, reason
+// "limit" or "peer_limit"), and the plugin retries with backoff. Each
+// plugin tunnel normally has a connection of its own; a proxy in front of
+// the server (one peer) carries up to WithMaxStreamsPerConnection tunnels
+// on each of its connections. Defaults 1024 and 64; negative: no limit.
+func WithMaxConnections(total, perPeer int) Option {
+	return optionFunc(func(c *config) { c.limits.maxConns, c.limits.maxConnsPer = total, perPeer })
+}
+
+// WithMaxUnregisteredTunnels bounds the tunnels that are being
+// authenticated or have not registered yet: total in all, and perPeer from
+// one peer (its IP address until it is authenticated, then its user). A
+// tunnel over a limit ends at once with RESOURCE_EXHAUSTED, and the plugin
+// retries with backoff. Defaults 64 and 8; negative: no limit.
+func WithMaxUnregisteredTunnels(total, perPeer int) Option {
+	return optionFunc(func(c *config) { c.limits.maxUnregistered, c.limits.maxUnregisteredPer = total, perPeer })
+}
+
+// WithMaxStreamsPerConnection bounds the concurrent streams (tunnels, or
+// tunnels waiting to register) one HTTP/2 connection may carry: gRPC's
+// MaxConcurrentStreams. A plugin needs one per tunnel; a proxy in front of
+// the server opens more connections when one is full. Default 32;
+// negative: gRPC's default (no limit).
+func WithMaxStreamsPerConnection(n int) Option {
+	return optionFunc(func(c *config) { c.limits.maxStreamsPerConn = n })
+}
+
+// WithMaxHeaderListSize bounds the request headers of a Connect call, in
+// bytes (gRPC's MaxHeaderListSize): what a peer can make the server hold
+// before any check. A bearer token is 1-2 KiB. Default 16 KiB; negative:
+// gRPC's default (16 MiB).
+func WithMaxHeaderListSize(n int) Option {
+	return optionFunc(func(c *config) { c.limits.maxHeaderListSize = n })
+}
+
+// WithConnectionIdleTimeout closes connections that carry no tunnel for d
+// (gRPC's MaxConnectionIdle, with a GoAway). Default 1 minute; negative:
+// never.
+func WithConnectionIdleTimeout(d time.Duration) Option {
+	return optionFunc(func(c *config) { c.limits.connIdle = d })
+}
+
+// WithMaxConnectionAge ends connections once they are age old (gRPC's
+// MaxConnectionAge, ±10 %) with a GoAway; tunnels on them get grace more
+// to finish (0: as long as they need), then the connection closes.
+// Plugins reconnect at once on a new connection, which is how a rotated
+// serving certificate (WithTLS) reaches every plugin. Default: no limit.
+// Set it through this option rather than grpc.KeepaliveParams, which
+// would replace the server's keepalive settings.
+func WithMaxConnectionAge(age, grace time.Duration) Option {
+	return optionFunc(func(c *config) { c.limits.maxConnAge, c.limits.maxConnAgeGrace = age, grace })
 }
 
 // WithRegistry makes the server record plugins in r instead of a registry

@@ -3,12 +3,14 @@ package server
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -25,6 +27,7 @@ type securityConfig struct {
 	err          error         // a WithTLS that could not load its files; New reports it
 	maxAge       time.Duration // 0: no limit
 	expiryMargin time.Duration // 0: defaultExpiryMargin
+	reloader     *certReloader // WithTLS's
 }
 
 const (
@@ -63,6 +66,8 @@ func WithTLS(certFile, keyFile string) Option {
 			c.security.err = errors.Join(c.security.err, fmt.Errorf("plugin server TLS: %w", err))
 			return
 		}
+		c.tls = true
+		c.security.reloader = r
 		c.grpcOptions = append(c.grpcOptions, grpc.Creds(credentials.NewTLS(&tls.Config{
 			MinVersion: tls.VersionTLS12,
 			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
@@ -105,7 +110,7 @@ func WithTokenExpiryMargin(d time.Duration) Option {
 // age or before its credentials expire, whichever comes first. The returned
 // function cancels it, and waits for a drain in progress to return (the
 // tunnel must be closed by then).
-func (s *Server) limitLifetime(t *tunnel.Tunnel, id Identity, lg logr.Logger) (stop func()) {
+func (s *Server) limitLifetime(t *tunnel.Tunnel, id Identity, cause *drainCause, lg logr.Logger) (stop func()) {
 	now := time.Now()
 	delay, reason, ok := lifetime(now, id.ExpiresAt, s.cfg.security, rand.Float64())
 	if !ok {
@@ -122,6 +127,12 @@ func (s *Server) limitLifetime(t *tunnel.Tunnel, id Identity, lg logr.Logger) (s
 	timer := time.AfterFunc(delay, func() {
 		defer wg.Done()
 		lg.Info("draining tunnel", "reason", reason)
+		cause.set(reason)
+		metric := "max_age"
+		if reason == reasonExpiry {
+			metric = "expiry"
+		}
+		tunnelsDrained.WithLabelValues(metric).Inc()
 		ctx, cancel := context.WithDeadline(context.Background(), deadline)
 		defer cancel()
 		t.Drain(ctx, status.New(codes.Unavailable, reason))
@@ -134,12 +145,17 @@ func (s *Server) limitLifetime(t *tunnel.Tunnel, id Identity, lg logr.Logger) (s
 	}
 }
 
+const (
+	reasonMaxAge = "tunnel reached its maximum age"
+	reasonExpiry = "credentials expire soon: reconnect with fresh ones"
+)
+
 // lifetime computes when a tunnel opened at now must be drained, and why.
 // ok is false when nothing limits it. jitter is a random number in [0, 1).
 func lifetime(now, expiresAt time.Time, cfg securityConfig, jitter float64) (delay time.Duration, reason string, ok bool) {
 	if cfg.maxAge > 0 {
 		delay = cfg.maxAge - time.Duration(float64(cfg.maxAge)*maxAgeJitter*jitter)
-		reason, ok = "tunnel reached its maximum age", true
+		reason, ok = reasonMaxAge, true
 	}
 	if !expiresAt.IsZero() {
 		margin := cfg.expiryMargin
@@ -149,7 +165,7 @@ func lifetime(now, expiresAt time.Time, cfg securityConfig, jitter float64) (del
 		left := expiresAt.Sub(now)
 		d := max(left-margin, min(left/2, minTunnelLife), 0)
 		if !ok || d < delay {
-			delay, reason, ok = d, "credentials expire soon: reconnect with fresh ones", true
+			delay, reason, ok = d, reasonExpiry, true
 		}
 	}
 	return delay, reason, ok
@@ -161,12 +177,16 @@ func lifetime(now, expiresAt time.Time, cfg securityConfig, jitter float64) (del
 // (Kubernetes updates a Secret volume by swapping a symbolic link).
 type certReloader struct {
 	certFile, keyFile string
+	log               atomic.Pointer[logr.Logger]
 
 	mu      sync.Mutex
 	certPEM []byte
 	keyPEM  []byte
 	cert    *tls.Certificate
+	failed  [sha256.Size]byte // the pair last refused, logged once
 }
+
+func (r *certReloader) setLogger(lg logr.Logger) { r.log.Store(&lg) }
 
 func (r *certReloader) certificate() (*tls.Certificate, error) {
 	certPEM, err := os.ReadFile(r.certFile)
@@ -185,7 +205,14 @@ func (r *certReloader) certificate() (*tls.Certificate, error) {
 	cert, err := tls.X509KeyPair(certPEM, keyPEM)
 	if err != nil {
 		if r.cert != nil {
-			// Probably a rotation half done: keep serving the old pair.
+			// Probably a rotation half done: keep serving the old pair,
+			// and say so once per pair that does not load.
+			if h := sha256.Sum256(append(append([]byte(nil), certPEM...), keyPEM...)); h != r.failed {
+				r.failed = h
+				if lg := r.log.Load(); lg != nil {
+					lg.Error(err, "serving certificate not reloaded: keeping the previous one", "certFile", r.certFile, "keyFile", r.keyFile)
+				}
+			}
 			return r.cert, nil
 		}
 		return nil, err
@@ -203,4 +230,106 @@ func (r *certReloader) fallback(err error) (*tls.Certificate, error) {
 		return r.cert, nil
 	}
 	return nil, err
+}
+
+type revalidationKey struct{}
+
+// IsRevalidation reports whether ctx is that of a run of the authenticator
+// or the registration policy on a tunnel that is already registered (see
+// WithRevalidationInterval), rather than on a new tunnel. The auth package
+// uses it to exempt such runs from its review rate limit: their number is
+// bounded by the registered tunnels, not by what peers send.
+func IsRevalidation(ctx context.Context) bool {
+	v, _ := ctx.Value(revalidationKey{}).(bool)
+	return v
+}
+
+const (
+	defaultRevalidation = time.Minute
+	// revalidationRetry is when a revalidation that could not decide is
+	// tried again.
+	revalidationRetry = 5 * time.Second
+)
+
+// revalidate runs the authenticator and the registration policy again on
+// a registered tunnel every revalidation interval, with the tunnel's own
+// context (its metadata, its peer), and drains the tunnel once they
+// refuse. The returned function stops it, waiting for a drain in progress.
+func (s *Server) revalidate(ctx context.Context, t *tunnel.Tunnel, id Identity, reg Registration, cause *drainCause, lg logr.Logger) (stop func()) {
+	every := orDefault(s.cfg.revalidate, defaultRevalidation)
+	if !s.cfg.authenticated || every < 0 {
+		return func() {}
+	}
+	rctx, cancel := context.WithCancel(context.WithValue(ctx, revalidationKey{}, true))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		timer := time.NewTimer(jittered(every))
+		defer timer.Stop()
+		for {
+			select {
+			case <-rctx.Done():
+				return
+			case <-t.Done():
+				return
+			case <-timer.C:
+			}
+			st := s.recheck(rctx, id, reg)
+			switch {
+			case st == nil:
+				timer.Reset(jittered(every))
+			case transient(st.Code()):
+				lg.V(1).Info("cannot revalidate tunnel, retrying", "code", st.Code(), "reason", st.Message())
+				timer.Reset(min(revalidationRetry, every))
+			default:
+				reason := "credentials no longer accepted: " + st.Message()
+				lg.Info("draining tunnel", "reason", reason)
+				cause.set(reason)
+				tunnelsDrained.WithLabelValues("revoked").Inc()
+				dctx, dcancel := context.WithTimeout(context.Background(), s.cfg.drainTimeout)
+				t.Drain(dctx, status.New(st.Code(), reason))
+				dcancel()
+				return
+			}
+		}
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
+}
+
+// recheck is the authentication and the policy of a registered tunnel
+// again: nil if both still accept it under the same user.
+func (s *Server) recheck(ctx context.Context, was Identity, reg Registration) *status.Status {
+	id, err := s.cfg.authenticate(ctx)
+	if err != nil {
+		if st, ok := status.FromError(err); ok {
+			return st
+		}
+		return status.New(codes.Unauthenticated, err.Error())
+	}
+	if id.User != was.User {
+		return status.Newf(codes.PermissionDenied, "the tunnel's user changed from %q to %q", quote(was.User), quote(id.User))
+	}
+	if err := s.cfg.policy(ctx, id, reg); err != nil {
+		return refusal(err)
+	}
+	return nil
+}
+
+// transient codes say that no decision could be had; any other refusal is
+// a decision.
+func transient(c codes.Code) bool {
+	switch c {
+	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Canceled, codes.Aborted:
+		return true
+	}
+	return false
+}
+
+// jittered is d less up to 10 %, so that tunnels opened together do not
+// all revalidate together.
+func jittered(d time.Duration) time.Duration {
+	return d - time.Duration(float64(d)*0.1*rand.Float64())
 }

@@ -106,7 +106,8 @@ func served(t *testing.T, addr string) string {
 func TestTLSCertificateReload(t *testing.T) {
 	p := newPKI(t)
 	p.issue(t, newCA(t, "ca-1"))
-	srv, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile))
+	logs := &logLines{}
+	srv, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile), server.WithInsecureNoAuthentication(), server.WithLogger(logs.logger()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,6 +136,10 @@ func TestTLSCertificateReload(t *testing.T) {
 	if got := served(t, addr); got != "ca-1" {
 		t.Fatalf("half-rotated: served a certificate of %s", got)
 	}
+	_ = served(t, addr)
+	if n := len(logs.find(`"serving certificate not reloaded`)); n != 1 {
+		t.Fatalf("%d log lines about the pair that does not load, want 1 (once per pair)", n)
+	}
 	// The full rotation is served to new connections.
 	p.issue(t, ca2)
 	if got := served(t, addr); got != "ca-2" {
@@ -151,7 +156,7 @@ func TestTLSCertificateReload(t *testing.T) {
 
 func TestWithTLSRefusesBadFiles(t *testing.T) {
 	p := newPKI(t)
-	if _, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile)); err == nil {
+	if _, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile), server.WithInsecureNoAuthentication()); err == nil {
 		t.Fatal("New accepted missing certificate files")
 	}
 	if err := os.WriteFile(p.certFile, []byte("junk"), 0o600); err != nil {
@@ -160,7 +165,7 @@ func TestWithTLSRefusesBadFiles(t *testing.T) {
 	if err := os.WriteFile(p.keyFile, []byte("junk"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile)); err == nil {
+	if _, err := server.New("127.0.0.1:0", server.WithTLS(p.certFile, p.keyFile), server.WithInsecureNoAuthentication()); err == nil {
 		t.Fatal("New accepted junk certificate files")
 	}
 }
@@ -210,7 +215,7 @@ func callWhileReconnecting(t *testing.T, srv *server.Server, d time.Duration) (c
 }
 
 func TestMaxTunnelAge(t *testing.T) {
-	srv, err := server.New("127.0.0.1:0", server.WithMaxTunnelAge(400*time.Millisecond))
+	srv, err := server.New("127.0.0.1:0", server.WithMaxTunnelAge(400*time.Millisecond), server.WithInsecureNoAuthentication())
 	if err != nil {
 		t.Fatal(err)
 	}

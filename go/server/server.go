@@ -55,19 +55,20 @@ type Registration struct {
 // Server accepts plugin tunnels and records them in its registry. It is a
 // controller-runtime Runnable: add it to a manager with mgr.Add.
 type Server struct {
-	pb.UnimplementedPluginFrameworkServiceServer
-
 	addr string
 	cfg  config
 	reg  *registry.Registry
 	log  atomic.Pointer[logr.Logger]
+	adm  *admission
 
+	started  atomic.Bool
 	nextID   atomic.Uint64
 	mu       sync.Mutex
-	tunnels  map[*tunnel.Tunnel]struct{}
+	tunnels  map[*tunnel.Tunnel]*drainCause
 	draining bool
-	bound    chan struct{} // closed once listening
+	bound    chan struct{} // closed once listening, or once that failed
 	lisAddr  net.Addr
+	lisErr   error
 }
 
 var (
@@ -78,7 +79,9 @@ var (
 // New returns a server that will listen on addr when started:
 // "unix:///absolute/path" (a stale socket file is removed),
 // "tcp://host:port" or "host:port" (an empty host listens on every
-// interface). New fails on any other form.
+// interface). New fails on any other form, and on a TCP address without
+// an authenticator (WithAuthenticator) unless WithInsecureNoAuthentication
+// says so.
 func New(addr string, opts ...Option) (*Server, error) {
 	cfg := config{
 		drainTimeout:     defaultDrainTimeout,
@@ -87,6 +90,7 @@ func New(addr string, opts ...Option) (*Server, error) {
 		authenticate:     anonymous,
 	}
 	cfg.settings.HeartbeatInterval = tunnel.DefaultHeartbeatInterval
+	cfg.settings.MaxBatchSize = defaultMaxBatchSize
 	for _, o := range opts {
 		o.apply(&cfg)
 	}
@@ -96,10 +100,20 @@ func New(addr string, opts ...Option) (*Server, error) {
 	if err := cfg.security.err; err != nil {
 		return nil, err
 	}
-	if cfg.listener == nil {
-		if _, _, err := target.ParseListen(addr); err != nil {
+	network := "tcp"
+	if cfg.listener != nil {
+		network = cfg.listener.Addr().Network()
+	} else {
+		var err error
+		if network, _, err = target.ParseListen(addr); err != nil {
 			return nil, err
 		}
+	}
+	if network == "tcp" && !cfg.authenticated && !cfg.insecureNoAuth {
+		return nil, fmt.Errorf("plugin server: refusing to serve %q on TCP without an authenticator: "+
+			"anyone who reaches it could register as any plugin and receive its calls; "+
+			"use auth.BuiltIn or auth.BehindKubeRBACProxy (docs/security.md), a unix socket, "+
+			"or WithInsecureNoAuthentication to accept that", addr)
 	}
 	if cfg.registry == nil {
 		cfg.registry = registry.New()
@@ -110,7 +124,8 @@ func New(addr string, opts ...Option) (*Server, error) {
 	if len(cfg.replicaID) > 253 || cfg.replicaCount < 0 {
 		return nil, fmt.Errorf("replica id %q longer than 253 bytes or negative count %d", quote(cfg.replicaID), cfg.replicaCount)
 	}
-	s := &Server{addr: addr, cfg: cfg, reg: cfg.registry, tunnels: map[*tunnel.Tunnel]struct{}{}, bound: make(chan struct{})}
+	s := &Server{addr: addr, cfg: cfg, reg: cfg.registry, adm: newAdmission(cfg.limits),
+		tunnels: map[*tunnel.Tunnel]*drainCause{}, bound: make(chan struct{})}
 	discard := logr.Discard()
 	s.log.Store(&discard)
 	return s, nil
@@ -139,28 +154,41 @@ func (s *Server) GetRegistry() *registry.Registry { return s.reg }
 func (s *Server) NeedLeaderElection() bool { return false }
 
 // Addr returns the address the server listens on, waiting until it does or
-// ctx ends.
+// ctx ends. If Start could not listen, Addr returns that error.
 func (s *Server) Addr(ctx context.Context) (net.Addr, error) {
 	select {
 	case <-s.bound:
-		return s.lisAddr, nil
+		return s.lisAddr, s.lisErr
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
 }
 
+// errStarted is Start's error when called again.
+var errStarted = errors.New("plugin server: Start called more than once")
+
 // Start serves until ctx ends, then drains: every plugin is told to go away,
 // calls in flight get the drain timeout to finish, and the tunnels close.
-// It returns nil after a clean shutdown.
+// It returns nil after a clean shutdown. A Server starts once: a second
+// call returns an error.
 func (s *Server) Start(ctx context.Context) error {
-	lg := log.FromContext(ctx).WithValues("component", "plugin-server", "address", s.addr)
+	if !s.started.CompareAndSwap(false, true) {
+		return errStarted
+	}
+	base := log.FromContext(ctx)
+	if s.cfg.logger != nil {
+		base = *s.cfg.logger
+	}
+	lg := rateLimited(base.WithValues("component", "plugin-server", "address", s.addr))
 	s.log.Store(&lg)
-	lis := s.cfg.listener
-	if lis == nil {
-		var err error
-		if lis, err = listen(s.addr); err != nil {
-			return err
-		}
+	if r := s.cfg.security.reloader; r != nil {
+		r.setLogger(lg)
+	}
+	lis, err := s.listen()
+	if err != nil {
+		s.lisErr = err
+		close(s.bound)
+		return err
 	}
 	s.lisAddr = lis.Addr()
 	close(s.bound)
@@ -170,9 +198,9 @@ func (s *Server) Start(ctx context.Context) error {
 		grpc.ForceServerCodecV2(tunnel.WireCodec),
 		grpc.MaxRecvMsgSize(local.MaxBatchSize),
 		grpc.MaxSendMsgSize(1<<31 - 1), // batches are sized to the plugin's limit
-	}, s.cfg.grpcOptions...)
-	gs := grpc.NewServer(opts...)
-	pb.RegisterPluginFrameworkServiceServer(gs, s)
+	}, s.cfg.limits.grpcOptions()...)
+	gs := grpc.NewServer(append(opts, s.cfg.grpcOptions...)...)
+	pb.RegisterPluginFrameworkServiceServer(gs, wireService{s: s})
 
 	served := make(chan error, 1)
 	go func() { served <- gs.Serve(lis) }()
@@ -201,40 +229,129 @@ func (s *Server) Start(ctx context.Context) error {
 	return nil
 }
 
+// listen opens the listener (or takes WithListener's), checks it against
+// the options that constrain it, and applies the connection limits.
+func (s *Server) listen() (net.Listener, error) {
+	lis := s.cfg.listener
+	if lis == nil {
+		var err error
+		if lis, err = listen(s.addr); err != nil {
+			return nil, err
+		}
+	}
+	fail := func(err error) (net.Listener, error) {
+		if s.cfg.listener == nil {
+			lis.Close()
+		}
+		return nil, err
+	}
+	if err := s.cfg.localProxy.checkListener(lis.Addr()); err != nil {
+		return fail(err)
+	}
+	if s.cfg.requireTLS && !s.cfg.tls && !localOnly(lis.Addr()) {
+		return fail(fmt.Errorf("plugin server: refusing to take bearer tokens in clear on %s %s: serve TLS (WithTLS), or listen on a unix socket or loopback address", lis.Addr().Network(), lis.Addr()))
+	}
+	var check func(net.Conn) error
+	if s.cfg.localProxy.enabled {
+		check = s.cfg.localProxy.checkConn
+	}
+	return newLimitListener(lis, s.cfg.limits, check, *s.log.Load()), nil
+}
+
+// localOnly reports a unix socket or a loopback TCP address.
+func localOnly(a net.Addr) bool {
+	switch a := a.(type) {
+	case *net.UnixAddr:
+		return true
+	case *net.TCPAddr:
+		return a.IP.IsLoopback()
+	}
+	return false
+}
+
+// drainCause records why the server drained a tunnel, for the log line
+// about its end.
+type drainCause struct {
+	mu     sync.Mutex
+	reason string
+}
+
+func (c *drainCause) set(reason string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.reason == "" {
+		c.reason = reason
+	}
+}
+
+func (c *drainCause) get() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.reason
+}
+
 // drain sends GoAway on every tunnel, waits up to the drain timeout for
 // their calls, and closes them.
 func (s *Server) drain() {
 	s.mu.Lock()
 	s.draining = true
-	tunnels := make([]*tunnel.Tunnel, 0, len(s.tunnels))
-	for t := range s.tunnels {
-		tunnels = append(tunnels, t)
+	tunnels := make(map[*tunnel.Tunnel]*drainCause, len(s.tunnels))
+	for t, c := range s.tunnels {
+		tunnels[t] = c
 	}
 	s.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.drainTimeout)
 	defer cancel()
-	reason := status.New(codes.Unavailable, "operator shutting down")
+	const why = "operator shutting down"
+	reason := status.New(codes.Unavailable, why)
 	var wg sync.WaitGroup
-	for _, t := range tunnels {
+	for t, c := range tunnels {
+		c.set(why)
 		wg.Go(func() { t.Drain(ctx, reason) })
 	}
 	wg.Wait()
 }
 
-// Connect serves one tunnel: handshake, registration, then calls until the
-// tunnel closes.
-func (s *Server) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.ConnectResponse]) error {
+// wireService is the gRPC service plugins call; it is not part of the
+// Server's API.
+type wireService struct {
+	pb.UnimplementedPluginFrameworkServiceServer
+	s *Server
+}
+
+func (w wireService) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.ConnectResponse]) error {
+	return w.s.connect(stream)
+}
+
+// connect serves one tunnel: admission, authentication, handshake,
+// registration, then calls until the tunnel closes.
+func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.ConnectResponse]) error {
 	ctx := stream.Context()
 	lg := *s.log.Load()
+	p, _ := peer.FromContext(ctx)
+	refuse := func(reason string, st *status.Status) error {
+		tunnelsRefused.WithLabelValues(reason).Inc()
+		lg.Info("tunnel refused", "peer", peerKey(p), "code", st.Code(), "reason", st.Message())
+		return st.Err()
+	}
+	tk, st, why := s.adm.enter(p)
+	if st != nil {
+		return refuse(why, st)
+	}
+	defer tk.leave()
 	id, err := s.cfg.authenticate(ctx)
 	if err != nil {
-		if _, ok := status.FromError(err); !ok {
-			err = status.Error(codes.Unauthenticated, err.Error())
+		st, ok := status.FromError(err)
+		if !ok {
+			st = status.New(codes.Unauthenticated, err.Error())
 		}
-		lg.V(1).Info("tunnel refused", "reason", err)
-		return err
+		tunnelsRefused.WithLabelValues("unauthenticated").Inc()
+		lg.V(1).Info("tunnel refused", "peer", peerKey(p), "code", st.Code(), "reason", st.Message())
+		return st.Err()
 	}
-	p, _ := peer.FromContext(ctx)
+	if st, why := tk.identify(id.User); st != nil {
+		return refuse(why, st)
+	}
 	t := tunnel.New(tunnel.ServerTransport(stream), tunnel.Config{
 		Side:                 tunnel.OperatorSide,
 		Settings:             s.cfg.settings,
@@ -243,7 +360,8 @@ func (s *Server) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		Peer:                 p,
 		Logger:               lg,
 	})
-	if !s.track(t) {
+	cause := &drainCause{}
+	if !s.track(t, cause) {
 		t.Close(status.New(codes.Unavailable, "operator shutting down"))
 		t.Wait()
 		return status.Error(codes.Unavailable, "operator shutting down")
@@ -254,18 +372,21 @@ func (s *Server) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 	r, err := t.Registration(hctx)
 	cancel()
 	if err != nil {
+		tunnelsRefused.WithLabelValues("handshake").Inc()
 		t.Wait()
 		return err
 	}
 	reg := Registration{Name: r.GetName(), Version: r.GetVersion(), Services: r.GetServices(), Labels: r.GetLabels()}
-	lg = lg.WithValues("plugin", reg.Name, "version", reg.Version, "user", id.User)
 	err = validate(reg)
 	if err == nil {
 		err = s.cfg.policy(ctx, id, reg)
 	}
+	// The registration's values are the peer's: quoted, cut, once valid.
+	lg = lg.WithValues("plugin", quote(reg.Name), "version", quote(reg.Version), "user", quote(id.User))
 	if err != nil {
 		st := refusal(err)
-		lg.Info("registration refused", "code", st.Code(), "reason", st.Message())
+		tunnelsRefused.WithLabelValues("registration").Inc()
+		lg.Info("registration refused", "peer", peerKey(p), "code", st.Code(), "reason", quote(st.Message()))
 		t.Reject(st)
 		t.Wait()
 		return st.Err()
@@ -281,24 +402,41 @@ func (s *Server) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 	}
 	t.Accept(inst.ID)
 	remove := s.reg.Add(inst, t)
+	tk.leave() // registered: no longer counts against the admission limits
 	lg.Info("plugin registered", "instance", inst.ID, "services", inst.Services)
-	stopLifetime := s.limitLifetime(t, id, lg) // security.go
+	stopLifetime := s.limitLifetime(t, id, cause, lg)            // security.go
+	stopRevalidation := s.revalidate(ctx, t, id, reg, cause, lg) // security.go
 	<-t.Done()
+	stopRevalidation()
 	stopLifetime()
 	remove()
 	t.Wait()
 	err = t.Err()
-	lg.Info("plugin unregistered", "instance", inst.ID, "reason", err)
+	lg.Info("plugin unregistered", "instance", inst.ID, "reason", endReason(err, cause))
 	return err
 }
 
-func (s *Server) track(t *tunnel.Tunnel) bool {
+// endReason says in words why a registered tunnel ended.
+func endReason(err error, cause *drainCause) string {
+	why := cause.get()
+	switch {
+	case err == nil && why != "":
+		return "drained by the operator: " + why
+	case err == nil:
+		return "drained by the plugin"
+	case why != "":
+		return why + "; then " + status.Convert(err).Message()
+	}
+	return status.Convert(err).Message()
+}
+
+func (s *Server) track(t *tunnel.Tunnel, c *drainCause) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.draining {
 		return false
 	}
-	s.tunnels[t] = struct{}{}
+	s.tunnels[t] = c
 	return true
 }
 

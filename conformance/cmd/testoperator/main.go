@@ -16,6 +16,8 @@
 // "plugin":..., "instance":..., "version":..., "services":[...],
 // "labels":{...}} for each instance. Logs go to standard error. SIGTERM or
 // SIGINT drains the server (plugins get GoAway) and exits with status 0.
+// -replica-id and -replica-count set what its Hello announces (docs/tunnel-spec.md
+// 4.7); -reject refuses every registration with a status.
 package main
 
 import (
@@ -63,6 +65,9 @@ func run() error {
 	heartbeat := flag.Duration("heartbeat", 0, "heartbeat interval (default: the server's)")
 	drain := flag.Duration("drain-timeout", 0, "drain timeout on shutdown (default: the server's)")
 	maxMsg := flag.Int("max-message-size", 0, "largest response accepted from plugins (default: the server's)")
+	replicaID := flag.String("replica-id", "", "this operator's replica id (default: the server's, host name and a random suffix)")
+	replicaCount := flag.Int("replica-count", 0, "how many replicas the operator announces (0: unknown)")
+	reject := flag.String("reject", "", "refuse every registration with this status, CODE:MESSAGE (CODE a gRPC code name such as PERMISSION_DENIED)")
 	verbose := flag.Int("v", 0, "log verbosity")
 	flag.Parse()
 	if *listen == "" || *proxyAddr == "" {
@@ -77,6 +82,8 @@ func run() error {
 	opts := []server.Option{}
 	if *token != "" {
 		opts = append(opts, server.WithAuthenticator(bearer(*token)))
+	} else {
+		opts = append(opts, server.WithInsecureNoAuthentication()) // a test operator, on loopback
 	}
 	if *certFile != "" {
 		opts = append(opts, server.WithTLS(*certFile, *keyFile))
@@ -89,6 +96,16 @@ func run() error {
 	}
 	if *maxMsg > 0 {
 		opts = append(opts, server.WithMaxMessageSize(*maxMsg))
+	}
+	if *replicaID != "" || *replicaCount > 0 {
+		opts = append(opts, server.WithReplica(*replicaID, *replicaCount))
+	}
+	if *reject != "" {
+		st, err := parseStatus(*reject)
+		if err != nil {
+			return err
+		}
+		opts = append(opts, server.WithRegistrationPolicy(func(context.Context, server.Identity, server.Registration) error { return st.Err() }))
 	}
 	srv, err := server.New(*listen, opts...)
 	if err != nil {
@@ -140,6 +157,17 @@ func run() error {
 	wcancel()
 	<-watched
 	return err
+}
+
+// parseStatus reads CODE:MESSAGE.
+func parseStatus(s string) (*status.Status, error) {
+	name, msg, _ := strings.Cut(s, ":")
+	for c := codes.OK + 1; c <= codes.Unauthenticated; c++ {
+		if strings.EqualFold(strings.ReplaceAll(c.String(), "_", ""), strings.ReplaceAll(name, "_", "")) {
+			return status.New(c, msg), nil
+		}
+	}
+	return nil, fmt.Errorf("-reject %q: no gRPC code named %q", s, name)
 }
 
 // bearer accepts the Connect calls that carry the expected token.

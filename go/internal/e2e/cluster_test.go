@@ -329,17 +329,21 @@ func (c *cluster) tokens(t *testing.T) *tokens {
 	return tk
 }
 
-// kubeconfig writes a kubeconfig for the operator's ServiceAccount, for
-// kube-rbac-proxy (in a pod it would use the in-cluster configuration).
-func (c *cluster) kubeconfig(t *testing.T) string {
+// kubeconfigIn writes a kubeconfig for the operator's ServiceAccount, for
+// kube-rbac-proxy (in a pod it would use the in-cluster configuration), in
+// dir, readable by every user (the proxy runs as a user of its own).
+func (c *cluster) kubeconfigIn(t *testing.T, dir string) string {
 	t.Helper()
 	cfg := clientcmdapi.NewConfig()
 	cfg.Clusters["envtest"] = &clientcmdapi.Cluster{Server: c.admin.Host, CertificateAuthorityData: c.admin.CAData}
 	cfg.AuthInfos["operator"] = &clientcmdapi.AuthInfo{Token: c.operatorToken}
 	cfg.Contexts["operator"] = &clientcmdapi.Context{Cluster: "envtest", AuthInfo: "operator"}
 	cfg.CurrentContext = "operator"
-	path := filepath.Join(t.TempDir(), "kubeconfig")
+	path := filepath.Join(dir, "kubeconfig")
 	if err := clientcmd.WriteToFile(*cfg, path); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(path, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return path

@@ -104,7 +104,7 @@ type callResult struct {
 
 func startLeaderReplica(t *testing.T, cfg *rest.Config, addr, name string) *leaderReplica {
 	t.Helper()
-	srv, err := server.New(addr, server.WithReplica(name, 2))
+	srv, err := server.New(addr, server.WithReplica(name, 2), server.WithInsecureNoAuthentication()) // loopback, no credentials in this test
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"fmt"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -9,6 +10,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"sigs.k8s.io/kustomize/api/krusty"
@@ -177,9 +179,15 @@ func TestManifests(t *testing.T) {
 			t.Errorf("plugin pod: service account %q, automount %v", spec.ServiceAccountName, spec.AutomountServiceAccountToken)
 		}
 		c := container(t, &d, "plugin")
-		if v, _ := flag(c.Args, "operator"); v != "dns:///opf-plugin-server.opf-system.svc:8443" {
+		// Every operator replica, through the headless Service, each
+		// verified against the ordinary Service's name.
+		if v, _ := flag(c.Args, "operator"); v != "dns:///opf-plugin-server-headless.opf-system.svc:8443" {
 			t.Errorf("plugin dials %q", v)
 		}
+		if v, _ := flag(c.Args, "server-name"); v != serverName {
+			t.Errorf("plugin verifies the operator as %q, want %q", v, serverName)
+		}
+		checkResources(t, &d)
 	})
 
 	for _, variant := range []string{"builtin", "kube-rbac-proxy"} {
@@ -189,6 +197,7 @@ func TestManifests(t *testing.T) {
 				{"Namespace", "opf-system"}, {"ServiceAccount", "opf-operator"},
 				{"ClusterRole", "opf-plugin-server-auth"}, {"ClusterRoleBinding", "opf-plugin-server-auth"},
 				{"ClusterRole", "opf-plugin-connect"}, {"Service", "opf-plugin-server"},
+				{"Service", "opf-plugin-server-headless"}, {"NetworkPolicy", "opf-plugin-server"},
 			} {
 				if !ms.has(kind[0], kind[1]) {
 					t.Errorf("no %s %s", kind[0], kind[1])
@@ -208,6 +217,10 @@ func TestManifests(t *testing.T) {
 					}
 				}
 			}
+			checkResources(t, &d)
+			checkReplicas(t, &d)
+			checkHeadless(t, ms, &svc)
+			checkNetworkPolicy(t, ms, plugin, &d, target)
 			manager := container(t, &d, "manager")
 			addr, _ := flag(manager.Args, "plugin-server-address")
 			switch variant {
@@ -226,6 +239,17 @@ func TestManifests(t *testing.T) {
 					t.Errorf("behind the proxy the server must listen on loopback, not %q", addr)
 				}
 				proxy := container(t, &d, "kube-rbac-proxy")
+				// The server accepts only the proxy's user: no other
+				// container may run as it.
+				uid := runAsUser(t, &d, "kube-rbac-proxy")
+				if v := env(manager, "PLUGIN_PROXY_UID"); v != fmt.Sprint(uid) {
+					t.Errorf("PLUGIN_PROXY_UID=%q, the proxy runs as %d", v, uid)
+				}
+				for _, c := range d.Spec.Template.Spec.Containers {
+					if c.Name != "kube-rbac-proxy" && runAsUser(t, &d, c.Name) == uid {
+						t.Errorf("container %s runs as the proxy's user %d", c.Name, uid)
+					}
+				}
 				checks := map[string]string{
 					"upstream":                   "http://" + addr + "/",
 					"upstream-force-h2c":         "",
@@ -249,4 +273,107 @@ func rulesEqual(a, b []rbacv1.PolicyRule) bool {
 			slices.Equal(x.ResourceNames, y.ResourceNames) && slices.Equal(x.Verbs, y.Verbs) &&
 			slices.Equal(x.NonResourceURLs, y.NonResourceURLs)
 	})
+}
+
+// env is the value of a container's environment variable.
+func env(c *corev1.Container, name string) string {
+	for _, e := range c.Env {
+		if e.Name == name {
+			return e.Value
+		}
+	}
+	return ""
+}
+
+// runAsUser is the user a container runs as, from its security context or
+// the pod's; every container of ours sets one.
+func runAsUser(t testing.TB, d *appsv1.Deployment, name string) int64 {
+	t.Helper()
+	if sc := container(t, d, name).SecurityContext; sc != nil && sc.RunAsUser != nil {
+		return *sc.RunAsUser
+	}
+	if sc := d.Spec.Template.Spec.SecurityContext; sc != nil && sc.RunAsUser != nil {
+		return *sc.RunAsUser
+	}
+	return -1
+}
+
+// checkResources: every container requests CPU and memory and has a
+// memory limit.
+func checkResources(t *testing.T, d *appsv1.Deployment) {
+	t.Helper()
+	for _, c := range d.Spec.Template.Spec.Containers {
+		r := c.Resources
+		if r.Requests.Cpu().IsZero() || r.Requests.Memory().IsZero() || r.Limits.Memory().IsZero() {
+			t.Errorf("%s/%s: resources %+v, want CPU and memory requests and a memory limit", d.Name, c.Name, r)
+		}
+	}
+}
+
+// checkReplicas: the manager is told its pod name and how many replicas
+// run, for server.WithReplica.
+func checkReplicas(t *testing.T, d *appsv1.Deployment) {
+	t.Helper()
+	env := map[string]corev1.EnvVar{}
+	for _, e := range container(t, d, "manager").Env {
+		env[e.Name] = e
+	}
+	if e := env["POD_NAME"]; e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != "metadata.name" {
+		t.Errorf("POD_NAME is %+v, want the downward API's metadata.name", e)
+	}
+	if d.Spec.Replicas == nil || env["OPERATOR_REPLICAS"].Value != fmt.Sprint(*d.Spec.Replicas) {
+		t.Errorf("OPERATOR_REPLICAS=%q for %v replicas", env["OPERATOR_REPLICAS"].Value, d.Spec.Replicas)
+	}
+}
+
+// checkHeadless: the headless Service selects what the Service selects, on
+// the same port, reaching replicas that are not ready.
+func checkHeadless(t *testing.T, ms manifests, svc *corev1.Service) {
+	t.Helper()
+	var h corev1.Service
+	ms.get(t, "Service", "opf-plugin-server-headless", &h)
+	if h.Spec.ClusterIP != corev1.ClusterIPNone || !h.Spec.PublishNotReadyAddresses {
+		t.Errorf("headless Service: clusterIP %q, publishNotReadyAddresses %v", h.Spec.ClusterIP, h.Spec.PublishNotReadyAddresses)
+	}
+	if fmt.Sprint(h.Spec.Selector) != fmt.Sprint(svc.Spec.Selector) || len(h.Spec.Ports) != 1 ||
+		h.Spec.Ports[0].Port != svc.Spec.Ports[0].Port || h.Spec.Ports[0].TargetPort != svc.Spec.Ports[0].TargetPort {
+		t.Errorf("headless Service %+v does not match %+v", h.Spec, svc.Spec)
+	}
+}
+
+// checkNetworkPolicy: the policy covers the operator's pods, and admits to
+// the plugin port exactly the example plugin's pods.
+func checkNetworkPolicy(t *testing.T, ms, plugin manifests, d *appsv1.Deployment, port string) {
+	t.Helper()
+	var np networkingv1.NetworkPolicy
+	ms.get(t, "NetworkPolicy", "opf-plugin-server", &np)
+	if !matches(np.Spec.PodSelector.MatchLabels, d.Spec.Template.Labels) || !slices.Equal(np.Spec.PolicyTypes, []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}) {
+		t.Errorf("the NetworkPolicy selects %v for %v, not the operator's pods %v for ingress", np.Spec.PodSelector.MatchLabels, np.Spec.PolicyTypes, d.Spec.Template.Labels)
+	}
+	var pd appsv1.Deployment
+	plugin.get(t, "Deployment", "example-plugin", &pd)
+	var ns corev1.Namespace
+	plugin.get(t, "Namespace", pd.Namespace, &ns)
+	if len(np.Spec.Ingress) != 1 || len(np.Spec.Ingress[0].From) != 1 || len(np.Spec.Ingress[0].Ports) != 1 {
+		t.Fatalf("NetworkPolicy ingress %+v, want one rule, one peer, one port", np.Spec.Ingress)
+	}
+	rule := np.Spec.Ingress[0]
+	from := rule.From[0]
+	if from.NamespaceSelector == nil || from.PodSelector == nil || len(from.NamespaceSelector.MatchLabels) == 0 || len(from.PodSelector.MatchLabels) == 0 ||
+		!matches(from.NamespaceSelector.MatchLabels, ns.Labels) || !matches(from.PodSelector.MatchLabels, pd.Spec.Template.Labels) {
+		t.Errorf("NetworkPolicy admits %+v, which is not the example plugin (namespace labels %v, pod labels %v)", from, ns.Labels, pd.Spec.Template.Labels)
+	}
+	if p := rule.Ports[0].Port; p == nil || p.String() != port {
+		t.Errorf("NetworkPolicy opens port %v, want %s", p, port)
+	}
+}
+
+// matches reports whether labels has every pair of selector.
+func matches(selector, labels map[string]string) bool {
+	for k, v := range selector {
+		if labels[k] != v {
+			return false
+		}
+	}
+	return true
 }

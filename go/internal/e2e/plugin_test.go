@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"sync"
 	"testing"
@@ -204,16 +205,31 @@ func (r rawResult) String() string {
 // operator's answer with its exact status.
 func rawConnect(t testing.TB, target string, creds credentials.TransportCredentials, token, name string) rawResult {
 	t.Helper()
-	cc, err := grpc.NewClient(target, grpc.WithTransportCredentials(creds))
+	var md metadata.MD
+	if token != "" {
+		md = metadata.Pairs("authorization", "Bearer "+token)
+	}
+	return rawConnectFrom(t, target, "", creds, md, name)
+}
+
+// rawConnectFrom is rawConnect from a source address of the test's choice
+// (any if empty), with the metadata md.
+func rawConnectFrom(t testing.TB, target, from string, creds credentials.TransportCredentials, md metadata.MD, name string) rawResult {
+	t.Helper()
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	if from != "" {
+		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
+		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) { return d.DialContext(ctx, "tcp", a) }))
+		target = "passthrough:///" + target
+	}
+	cc, err := grpc.NewClient(target, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer cc.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	if token != "" {
-		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
-	}
+	ctx = metadata.NewOutgoingContext(ctx, md)
 	stream, err := pb.NewPluginFrameworkServiceClient(cc).Connect(ctx)
 	if err != nil {
 		return rawResult{final: status.Convert(err)}

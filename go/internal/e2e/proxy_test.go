@@ -7,10 +7,13 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+
+	"github.com/guilhem/operator-plugin-framework/go/server"
 )
 
 // syncBuffer is a bytes.Buffer safe for a process's output.
@@ -60,12 +63,42 @@ func proxyArgs(t *testing.T, listen, upstream, certFile, keyFile, kubeconfig str
 	return append(args, "--kubeconfig="+kubeconfig)
 }
 
-// startProxy runs kube-rbac-proxy with args until the test ends, and
-// waits until it listens on addr.
-func startProxy(t *testing.T, bin, addr string, args []string) {
+// proxyUID is the user the test runs kube-rbac-proxy as, and the server
+// checks: the one config/kube-rbac-proxy runs it as, when the test can
+// switch users (root); otherwise none.
+func proxyUID(t *testing.T) int {
+	if os.Getuid() != 0 {
+		t.Logf("not root: kube-rbac-proxy runs as the test's user, and the server checks only its address")
+		return server.AnyUID
+	}
+	var d appsv1.Deployment
+	render(t, "kube-rbac-proxy").get(t, "Deployment", "opf-operator", &d)
+	return int(runAsUser(t, &d, "kube-rbac-proxy"))
+}
+
+// readableDir is a folder the proxy's user can read, removed at the end.
+func readableDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "e2e-proxy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// startProxy runs kube-rbac-proxy with args, as uid unless it is
+// server.AnyUID, until the test ends, and waits until it listens on addr.
+func startProxy(t *testing.T, bin, addr string, uid int, args []string) {
 	t.Helper()
 	logs := &syncBuffer{}
 	cmd := exec.Command(bin, args...)
+	if uid != server.AnyUID {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid)}}
+	}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	start := time.Now()
 	if err := cmd.Start(); err != nil {

@@ -18,11 +18,17 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
-	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	authzv1 "k8s.io/api/authorization/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"github.com/guilhem/operator-plugin-framework/go/auth"
 	"github.com/guilhem/operator-plugin-framework/go/client"
@@ -42,10 +48,12 @@ func TestSecurity(t *testing.T) {
 	t.Run("BuiltIn", func(t *testing.T) {
 		testMode(t, c, tk, startBuiltIn)
 		t.Run("tunnels are drained before their token expires", func(t *testing.T) { expiryDrainBuiltIn(t, c) })
+		t.Run("the tunnel of a deleted ServiceAccount is drained", func(t *testing.T) { deletedServiceAccount(t, c) })
 	})
 	t.Run("KubeRBACProxy", func(t *testing.T) {
 		testMode(t, c, tk, startBehindProxy)
 		t.Run("tunnels are drained at their maximum age", func(t *testing.T) { maxAgeBehindProxy(t, c) })
+		t.Run("only the proxy can vouch for an identity", func(t *testing.T) { forgedIdentity(t, c, tk) })
 	})
 }
 
@@ -53,6 +61,7 @@ func TestSecurity(t *testing.T) {
 type endpoint struct {
 	srv        *server.Server
 	target     string
+	upstream   string // behind the proxy: the server's own address
 	caFile     string
 	serverName string
 	logs       *syncBuffer // the server's log
@@ -66,7 +75,11 @@ type pki struct {
 
 func newPKI(t *testing.T, caName string) *pki {
 	t.Helper()
-	dir := t.TempDir()
+	return newPKIIn(t, t.TempDir(), caName)
+}
+
+func newPKIIn(t *testing.T, dir, caName string) *pki {
+	t.Helper()
 	p := &pki{caFile: filepath.Join(dir, "ca.crt"), certFile: filepath.Join(dir, "tls.crt"), keyFile: filepath.Join(dir, "tls.key")}
 	if _, err := p.rotate(caName, nil); err != nil {
 		t.Fatal(err)
@@ -148,18 +161,28 @@ func startBuiltIn(t *testing.T, c *cluster, extra ...server.Option) *endpoint {
 }
 
 // startBehindProxy runs the sidecar mode: the server on loopback h2c,
-// kube-rbac-proxy in front of it with config/kube-rbac-proxy's arguments.
+// kube-rbac-proxy in front of it with config/kube-rbac-proxy's arguments,
+// as the user config/kube-rbac-proxy runs it as (when the test runs as
+// root; otherwise as the test's user, and the server checks only the
+// proxy's address).
 func startBehindProxy(t *testing.T, c *cluster, extra ...server.Option) *endpoint {
 	t.Helper()
-	opts, err := auth.BehindKubeRBACProxy(operatorClient(c))
+	uid := proxyUID(t)
+	opts, err := auth.BehindKubeRBACProxy(operatorClient(c), auth.ProxyUID(uid))
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv, upstream, logs := runServer(t, "127.0.0.1:0", append(opts, extra...)...)
-	p := newPKI(t, "proxy-ca")
+	dir := readableDir(t)
+	p := newPKIIn(t, dir, "proxy-ca")
+	for _, f := range []string{p.certFile, p.keyFile} {
+		if err := os.Chmod(f, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 	listen := freeAddr(t)
-	startProxy(t, c.rbacProxy, listen, proxyArgs(t, listen, "http://"+upstream+"/", p.certFile, p.keyFile, c.kubeconfig(t)))
-	return &endpoint{srv: srv, target: listen, caFile: p.caFile, serverName: serverName, logs: logs}
+	startProxy(t, c.rbacProxy, listen, uid, proxyArgs(t, listen, "http://"+upstream+"/", p.certFile, p.keyFile, c.kubeconfigIn(t, dir)))
+	return &endpoint{srv: srv, target: listen, upstream: upstream, caFile: p.caFile, serverName: serverName, logs: logs}
 }
 
 var fastBackoff = backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.5, Jitter: 0.1, MaxDelay: time.Second}
@@ -248,6 +271,11 @@ func testMode(t *testing.T, c *cluster, tk *tokens, start func(*testing.T, *clus
 	t.Run("the allowed plugin serves every kind of call", func(t *testing.T) {
 		p := newPlugin(t, ep, pluginName, tk.goodFile, newTestService(), logr.Discard())
 		waitReady(t, p)
+		// The plugin is registered once it has the operator's answer; the
+		// operator lists it right after sending it.
+		eventuallyTrue(t, 5*time.Second, "the registry lists the plugin", func() bool {
+			return len(ep.srv.GetRegistry().Plugin(pluginName).Instances()) > 0
+		})
 		insts := ep.srv.GetRegistry().Plugin(pluginName).Instances()
 		if len(insts) != 1 || insts[0].Identity != pluginUser || insts[0].ID != p.InstanceID() {
 			t.Fatalf("registry holds %+v, want one instance of %s", insts, pluginUser)
@@ -439,7 +467,7 @@ func expiryDrainBuiltIn(t *testing.T, c *cluster) {
 		server.WithTokenExpiryMargin(tokenSeconds*time.Second-3*time.Second),
 		// New TLS connections (and so the rotated certificate) at least
 		// every 2 s; established tunnels finish on their connection.
-		server.WithGRPCServerOptions(grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: 2 * time.Second, MaxConnectionAgeGrace: time.Minute})),
+		server.WithMaxConnectionAge(2*time.Second, time.Minute),
 	)
 	ep := &endpoint{srv: srv, target: addr, caFile: p.caFile, serverName: serverName, logs: logs}
 
@@ -544,5 +572,149 @@ func eventuallyTrue(t *testing.T, d time.Duration, what string, cond func() bool
 			t.Fatalf("timed out: %s", what)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// forgedIdentity: a process in the pod other than kube-rbac-proxy sends
+// the identity headers straight to the server, from another loopback
+// address (as a service mesh's sidecar does, 127.0.0.6) or from 127.0.0.1
+// as another user; and a plugin sends them through the proxy, which
+// overwrites them. None gets the plugin's name.
+func forgedIdentity(t *testing.T, c *cluster, tk *tokens) {
+	ep := startBehindProxy(t, c)
+	forged := metadata.Pairs("x-remote-user", pluginUser, "x-remote-groups", "system:serviceaccounts|system:authenticated")
+	before := refusedConnections(t)
+	direct := []struct{ name, from string }{{"from 127.0.0.6", "127.0.0.6"}}
+	if proxyUID(t) != server.AnyUID {
+		direct = append(direct, struct{ name, from string }{"from 127.0.0.1, as another user than the proxy's", "127.0.0.1"})
+	}
+	for _, d := range direct {
+		t.Run(d.name, func(t *testing.T) {
+			r := rawConnectFrom(t, ep.upstream, d.from, insecure.NewCredentials(), forged, pluginName)
+			if r.acked || r.final.Code() != codes.Unavailable {
+				t.Fatalf("got %v, want the connection refused (UNAVAILABLE)", r)
+			}
+			t.Logf("%v: %s", r.final.Code(), r.final.Message())
+		})
+	}
+	if got := refusedConnections(t) - before; got < float64(len(direct)) {
+		t.Errorf("plugin_framework_server_connections_refused_total{reason=\"peer\"} rose by %v, want at least %d", got, len(direct))
+	}
+	creds := tlsCreds(t, ep.caFile, ep.serverName)
+	t.Run("through the proxy without a token", func(t *testing.T) {
+		r := rawConnectFrom(t, ep.target, "127.0.0.1", creds, forged, pluginName)
+		if r.acked || r.final.Code() != codes.Unauthenticated {
+			t.Fatalf("got %v, want UNAUTHENTICATED", r)
+		}
+	})
+	t.Run("through the proxy with another ServiceAccount's token", func(t *testing.T) {
+		md := metadata.Join(forged, metadata.Pairs("authorization", "Bearer "+tk.intruder))
+		r := rawConnectFrom(t, ep.target, "127.0.0.1", creds, md, pluginName)
+		if r.acked || r.reject.Code() != codes.PermissionDenied {
+			t.Fatalf("got %v, want a PERMISSION_DENIED RegisterReject: the proxy must have replaced the forged identity", r)
+		}
+		t.Logf("%s", r.reject.Message())
+	})
+	// The proxy itself still gets through.
+	p := newPlugin(t, ep, pluginName, tk.goodFile, newTestService(), logr.Discard())
+	waitReady(t, p)
+}
+
+// refusedConnections reads plugin_framework_server_connections_refused_total{reason="peer"}.
+func refusedConnections(t *testing.T) float64 {
+	t.Helper()
+	mfs, err := metrics.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "plugin_framework_server_connections_refused_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "reason" && l.GetValue() == "peer" {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
+}
+
+// deletedServiceAccount: a plugin's ServiceAccount is deleted while its
+// tunnel is open; the server, which reviews the tunnel's token again
+// (caches of 1 s, revalidation every 500 ms here), drains it, and the
+// plugin cannot register again.
+func deletedServiceAccount(t *testing.T, c *cluster) {
+	ctx := t.Context()
+	const sa, name = "doomed", "doomed-plugin"
+	c.create(t, ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa, Namespace: pluginNS}})
+	c.create(t, ctx, &rbacv1.ClusterRole{
+		ObjectMeta: metav1.ObjectMeta{Name: "e2e-register-" + name},
+		Rules:      []rbacv1.PolicyRule{{APIGroups: []string{auth.PluginsGroup}, Resources: []string{auth.PluginsResource}, ResourceNames: []string{name}, Verbs: []string{auth.RegisterVerb}}},
+	})
+	for binding, role := range map[string]string{"e2e-doomed-connect": "opf-plugin-connect", "e2e-doomed-register": "e2e-register-" + name} {
+		c.create(t, ctx, &rbacv1.ClusterRoleBinding{
+			ObjectMeta: metav1.ObjectMeta{Name: binding},
+			RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: role},
+			Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Name: sa, Namespace: pluginNS}},
+		})
+	}
+	user := "system:serviceaccount:" + pluginNS + ":" + sa
+	c.waitAllowed(t, ctx, user, authzv1.SubjectAccessReviewSpec{ResourceAttributes: &authzv1.ResourceAttributes{
+		Group: auth.PluginsGroup, Resource: auth.PluginsResource, Verb: auth.RegisterVerb, Name: name,
+	}})
+
+	kc := operatorClient(c)
+	tokens, err := auth.NewTokenAuthenticator(kc.AuthenticationV1().TokenReviews(), auth.TokenAuthenticatorConfig{Audiences: []string{c.audience}, CacheTTL: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	authz, err := auth.NewAuthorizer(kc.AuthorizationV1().SubjectAccessReviews(), auth.AuthorizerConfig{AllowCacheTTL: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newPKI(t, "operator-ca-doomed")
+	srv, addr, logs := runServer(t, "127.0.0.1:0",
+		server.WithAuthenticator(auth.AuthorizeConnect(tokens.Authenticate, authz)),
+		server.WithRegistrationPolicy(auth.RegistrationPolicy(authz, "")),
+		server.WithTLS(p.certFile, p.keyFile),
+		server.WithRevalidationInterval(500*time.Millisecond))
+	ep := &endpoint{srv: srv, target: addr, caFile: p.caFile, serverName: serverName, logs: logs}
+
+	tok, _ := c.token(t, pluginNS, sa, c.audience)
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tokenFile, []byte(tok), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	errs := &errorLog{}
+	plugin := newPlugin(t, ep, name, tokenFile, newTestService(), errs.logger())
+	waitReady(t, plugin)
+	// Calls work, and keep working while the tunnel is revalidated.
+	time.Sleep(1500 * time.Millisecond)
+	cctx, ccancel := context.WithTimeout(ctx, 10*time.Second)
+	defer ccancel()
+	if _, err := testgrpc.NewTestServiceClient(srv.GetRegistry().Plugin(name)).EmptyCall(cctx, &testgrpc.Empty{}); err != nil {
+		t.Fatalf("call before the deletion: %v", err)
+	}
+
+	if err := c.cs.CoreV1().ServiceAccounts(pluginNS).Delete(ctx, sa, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	deleted := time.Now()
+	eventuallyTrue(t, 15*time.Second, "the deleted ServiceAccount's tunnel leaves the registry", func() bool {
+		return len(instanceIDs(srv.GetRegistry(), name)) == 0
+	})
+	t.Logf("drained %s after the deletion", time.Since(deleted).Round(time.Millisecond))
+	if !strings.Contains(logs.String(), "credentials no longer accepted") {
+		t.Errorf("the server did not log why it drained the tunnel")
+	}
+	eventuallyTrue(t, 5*time.Second, "the plugin learns it is UNAUTHENTICATED", func() bool {
+		return hasCode(errs.all(), codes.Unauthenticated)
+	})
+	time.Sleep(time.Second)
+	if n := len(instanceIDs(srv.GetRegistry(), name)); n != 0 {
+		t.Fatalf("the plugin registered again (%d instances) without a ServiceAccount", n)
 	}
 }

@@ -212,7 +212,8 @@ func TestRawPluginCallBeforeRegistration(t *testing.T) {
 // TestRawPluginBatchLimits: before registration the operator decodes no
 // batch over 64 KiB, and no batch may hold more than 4,096 frames.
 func TestRawPluginBatchLimits(t *testing.T) {
-	op := startOperator(t)
+	op := startOperator(t, server.WithMaxBatchSize(4<<20)) // the protocol's default, above the server's
+
 	p, _ := dialRawPlugin(t, op)
 	big := register("raw")
 	big.GetRegister().Labels = map[string]string{"pad": strings.Repeat("x", 70<<10)}
@@ -336,7 +337,8 @@ func TestRawPluginUnknownStreams(t *testing.T) {
 // TestRawPluginBadResponses: a plugin that overruns its window or declares
 // an oversized message fails that call only.
 func TestRawPluginBadResponses(t *testing.T) {
-	op := startOperator(t)
+	op := startOperator(t, server.WithMaxBatchSize(4<<20)) // the protocol's default, above the server's
+
 	p := registerRaw(t, op, "raw")
 	c := op.call(t, "raw")
 	call := func() chan error {

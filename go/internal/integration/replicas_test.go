@@ -117,7 +117,7 @@ func registered(t *testing.T, within time.Duration, want int, ops ...*operator) 
 // startOperatorOn runs a server on a TCP address.
 func startOperatorOn(t testing.TB, addr string, opts ...server.Option) *operator {
 	t.Helper()
-	srv, err := server.New(addr, opts...)
+	srv, err := server.New(addr, append([]server.Option{server.WithInsecureNoAuthentication()}, opts...)...) // loopback, no credentials in these tests
 	if err != nil {
 		t.Fatal(err)
 	}

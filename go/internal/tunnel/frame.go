@@ -3,6 +3,7 @@ package tunnel
 import (
 	"fmt"
 	"strings"
+	"unicode/utf8"
 
 	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
@@ -85,6 +86,24 @@ func kindName(f *pb.Frame) string {
 		return "unknown"
 	}
 	return string(fd.Name())
+}
+
+// fitStatus cuts st so that a frame carrying it fits in limit bytes: its
+// details go first, then the end of its message (at a rune boundary).
+func fitStatus(st *status.Status, limit int) *status.Status {
+	p := st.Proto()
+	if proto.Size(p)+frameOverhead <= limit {
+		return st
+	}
+	p.Details = nil
+	if over := proto.Size(p) + frameOverhead - limit; over > 0 {
+		msg := p.Message[:max(len(p.Message)-over-len("…"), 0)]
+		for len(msg) > 0 && !utf8.ValidString(msg) {
+			msg = msg[:len(msg)-1]
+		}
+		p.Message = msg + "…"
+	}
+	return status.FromProto(p)
 }
 
 // statusFromProto turns a received status into a *status.Status. An unset

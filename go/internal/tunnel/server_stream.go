@@ -66,8 +66,12 @@ func (ss *serverStream) SendHeader(md metadata.MD) error {
 		return errHeaderSent
 	}
 	s.header = metadata.Join(s.header, md)
-	f := ss.takeHeadersLocked()
+	f, st := ss.takeHeadersLocked()
 	s.mu.Unlock()
+	if st != nil {
+		s.abort(st)
+		return st.Err()
+	}
 	s.t.w.enqueue(s, f...)
 	return nil
 }
@@ -84,22 +88,32 @@ func (ss *serverStream) SetTrailer(md metadata.MD) {
 }
 
 // takeHeadersLocked marks the headers sent and returns their frame, if there
-// is anything to send. Caller holds s.mu.
-func (ss *serverStream) takeHeadersLocked() []*pb.Frame {
+// is anything to send. Headers too large for a batch of the operator's
+// cannot be sent (spec 3.3): the status returned then fails the stream.
+// Caller holds s.mu.
+func (ss *serverStream) takeHeadersLocked() ([]*pb.Frame, *status.Status) {
 	if ss.s.headerSent {
-		return nil
+		return nil, nil
 	}
 	ss.s.headerSent = true
 	if len(ss.s.header) == 0 {
-		return nil
+		return nil, nil
 	}
-	return []*pb.Frame{headersFrame(ss.s.id, ss.s.header)}
+	f := headersFrame(ss.s.id, ss.s.header)
+	if n := frameSize(f); n > ss.s.t.peer.MaxBatchSize-batchReserve {
+		return nil, status.Newf(codes.ResourceExhausted, "response headers of %d bytes are larger than the operator accepts", n)
+	}
+	return []*pb.Frame{f}, nil
 }
 
 func (ss *serverStream) SendMsg(m any) error {
 	ss.s.mu.Lock()
-	prefix := ss.takeHeadersLocked()
+	prefix, st := ss.takeHeadersLocked()
 	ss.s.mu.Unlock()
+	if st != nil {
+		ss.s.abort(st)
+		return st.Err()
+	}
 	last, err := ss.s.sendMsg(defaultCodec(), m, prefix)
 	if err != nil {
 		ss.unsent(prefix, last)
@@ -148,8 +162,12 @@ func (ss *serverStream) RecvMsg(m any) error {
 func (ss *serverStream) reply(resp any) error {
 	s := ss.s
 	s.mu.Lock()
-	prefix := ss.takeHeadersLocked()
+	prefix, st := ss.takeHeadersLocked()
 	s.mu.Unlock()
+	if st != nil {
+		s.abort(st)
+		return st.Err()
+	}
 	last, err := s.sendMsg(defaultCodec(), resp, prefix)
 	if err != nil {
 		ss.unsent(prefix, last)
@@ -176,10 +194,17 @@ func (ss *serverStream) close(frames []outFrame, st *status.Status) {
 		freeOut(frames)
 		return
 	}
-	for _, h := range ss.takeHeadersLocked() {
+	headers, tooLarge := ss.takeHeadersLocked()
+	for _, h := range headers {
 		frames = append([]outFrame{{f: h}}, frames...)
 	}
 	cf := closeFrame(s.id, st, s.trailer)
+	if tooLarge != nil {
+		st = tooLarge
+		freeOut(frames)
+		frames = nil
+		cf = closeFrame(s.id, st, nil)
+	}
 	if frameSize(cf) > s.t.peer.MaxBatchSize-batchReserve {
 		cf = closeFrame(s.id, status.New(codes.ResourceExhausted, "response status and trailers are larger than the operator accepts"), nil)
 	}

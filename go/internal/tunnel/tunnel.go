@@ -456,6 +456,8 @@ func (t *Tunnel) transportStatus(err error) *status.Status {
 		return status.New(codes.Unavailable, "peer closed the tunnel")
 	case ok && st.Code() == codes.ResourceExhausted:
 		return st // a batch over the receive limit: the peer's fault, said as it is
+	case ok && (st.Code() == codes.Unauthenticated || st.Code() == codes.PermissionDenied):
+		return st // the operator refused the tunnel's credentials: a plugin must see why
 	}
 	peerName := "plugin"
 	if t.cfg.Side == PluginSide {
@@ -488,7 +490,7 @@ func (t *Tunnel) handleFrame(f *pb.Frame, buf mem.Buffer) *status.Status {
 	case nil:
 		return nil // a frame kind from a later version: ignored
 	default:
-		return status.Newf(codes.Internal, "%s frame on stream %d", kindName(f), f.GetStreamId())
+		return status.Newf(codes.Internal, "tunnel frame %s on stream %d", kindName(f), f.GetStreamId())
 	}
 	t.mu.Lock()
 	ready := t.phase == phaseReady
@@ -605,7 +607,7 @@ func (t *Tunnel) handleTunnelFrame(f *pb.Frame) *status.Status {
 	case nil:
 		// A frame kind from a later version: ignored.
 	default:
-		return status.Newf(codes.Internal, "%s frame on stream 0", kindName(f))
+		return status.Newf(codes.Internal, "stream frame %s on stream 0", kindName(f))
 	}
 	return nil
 }
@@ -732,6 +734,7 @@ func (t *Tunnel) Accept(instanceID string) {
 // Reject refuses the registration (operator side) and closes the tunnel
 // once the answer is sent.
 func (t *Tunnel) Reject(st *status.Status) {
+	st = fitStatus(st, preRegistrationBatch-batchReserve) // the answer is sent before registration (spec 3.3)
 	t.mu.Lock()
 	t.failure = st
 	t.mu.Unlock()

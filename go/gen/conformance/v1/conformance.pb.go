@@ -63,8 +63,8 @@ const (
 // requests set (a streaming call's requests may name several keys).
 type Action struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Size of each response payload. 0 echoes the request's payload.
-	// Generated payloads hold the byte i % 256 at offset i.
+	// Size of each response payload. 0 echoes the request's payload. The
+	// bytes are generated as Action says (seed).
 	ResponseSize uint32 `protobuf:"varint,1,opt,name=response_size,json=responseSize,proto3" json:"response_size,omitempty"`
 	// Response messages to send, for ServerStream and BidiStream.
 	ResponseCount uint32 `protobuf:"varint,2,opt,name=response_count,json=responseCount,proto3" json:"response_count,omitempty"`
@@ -85,14 +85,16 @@ type Action struct {
 	// Record this call's Observation under this key (see GetObservation).
 	RecordKey string `protobuf:"bytes,10,opt,name=record_key,json=recordKey,proto3" json:"record_key,omitempty"`
 	// Put this call's Observation, as it is at that moment, in the first
-	// response message this action sends (Unary: its response; ClientStream:
-	// the response, when the first request's action sets it; BidiStream: the
-	// first response this request's action sends).
+	// response message this action sends (Unary: its response; ServerStream:
+	// its first response; ClientStream: the response, when the first
+	// request's action sets it; BidiStream: the first response this request's
+	// action sends).
 	Observe bool `protobuf:"varint,11,opt,name=observe,proto3" json:"observe,omitempty"`
 	// Sizes of the response messages, one message each, in order. When set,
 	// ServerStream and BidiStream send len(response_sizes) messages and Unary
 	// and ClientStream use the first entry as their response's size;
-	// response_size and response_count are then ignored.
+	// response_size and response_count are then ignored. An entry of 0 is an
+	// empty payload, never an echo.
 	ResponseSizes []uint32 `protobuf:"varint,12,rep,packed,name=response_sizes,json=responseSizes,proto3" json:"response_sizes,omitempty"`
 	// Seed of generated payloads (see Action): 0 for the i % 256 pattern.
 	Seed          uint64 `protobuf:"varint,13,opt,name=seed,proto3" json:"seed,omitempty"`
@@ -617,10 +619,10 @@ type ClientStreamRequest struct {
 	// Applied when this request arrives: headers, sleep, wait_for_cancel,
 	// panic, trailers and fail, in that order (response_count and
 	// message_interval do not apply). The one response comes after the
-	// half-close: generated payload bytes (see Action) when the first
-	// request's action sets response_size or response_sizes, else the last
-	// request's payload; it carries the Observation when the first
-	// request's action sets observe.
+	// half-close: generated payload bytes (see Action, with the first
+	// request's seed) when the first request's action sets response_size or
+	// response_sizes, else the last request's payload; it carries the
+	// Observation when the first request's action sets observe.
 	Action        *Action `protobuf:"bytes,2,opt,name=action,proto3" json:"action,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

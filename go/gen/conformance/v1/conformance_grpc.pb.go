@@ -43,8 +43,9 @@ const (
 // the Action of each request, in the order documented on Action, and nothing
 // else: the suite relies on every SDK's handlers behaving the same.
 type ConformanceServiceClient interface {
-	// Unary answers one UnaryResponse whose payload echoes the request's (or
-	// holds action.response_size pattern bytes).
+	// Unary answers one UnaryResponse whose payload echoes the request's, or
+	// holds generated payload bytes (see Action) when the action sets
+	// response_size or response_sizes.
 	Unary(ctx context.Context, in *UnaryRequest, opts ...grpc.CallOption) (*UnaryResponse, error)
 	// ServerStream answers action.response_count messages, then ends as the
 	// action says.
@@ -141,8 +142,9 @@ func (c *conformanceServiceClient) GetObservation(ctx context.Context, in *GetOb
 // the Action of each request, in the order documented on Action, and nothing
 // else: the suite relies on every SDK's handlers behaving the same.
 type ConformanceServiceServer interface {
-	// Unary answers one UnaryResponse whose payload echoes the request's (or
-	// holds action.response_size pattern bytes).
+	// Unary answers one UnaryResponse whose payload echoes the request's, or
+	// holds generated payload bytes (see Action) when the action sets
+	// response_size or response_sizes.
 	Unary(context.Context, *UnaryRequest) (*UnaryResponse, error)
 	// ServerStream answers action.response_count messages, then ends as the
 	// action says.
