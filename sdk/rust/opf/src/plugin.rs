@@ -537,6 +537,9 @@ async fn slot(inner: Arc<Inner>, index: usize, mut stop: watch::Receiver<bool>) 
             continue;
         }
         inner.set_replica_count(id, None);
+        if *stop.borrow() {
+            break;
+        }
         inner.resolve_now.notify_one();
         let delay = inner.backoff.delay(n);
         n = n.saturating_add(1);

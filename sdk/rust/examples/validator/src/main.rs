@@ -5,7 +5,6 @@
 //! standard input (so that it never outlives the demo that started it).
 
 use opf::Plugin;
-use tokio::io::AsyncReadExt as _;
 use validator_plugin::Validator;
 use validator_plugin::demo::validator_service_server::ValidatorServiceServer;
 
@@ -16,12 +15,18 @@ async fn main() -> Result<(), opf::Error> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let target = std::env::var("OPF_DEMO_TARGET").unwrap_or_else(|_| "unix:///tmp/opf-demo/op.sock".into());
-    let stop = async {
-        let mut stdin = tokio::io::stdin();
+    // Standard input is read on a thread of its own: tokio's stdin would
+    // keep the runtime from shutting down while its read blocks.
+    let (eof_tx, eof_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
         let mut buf = [0u8; 64];
+        while matches!(std::io::Read::read(&mut std::io::stdin(), &mut buf), Ok(n) if n > 0) {}
+        let _ = eof_tx.send(());
+    });
+    let stop = async {
         tokio::select! {
             _ = opf::shutdown_signal() => {}
-            _ = async { while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {} } => {}
+            _ = eof_rx => {}
         }
         tracing::info!("draining");
     };
