@@ -30,8 +30,8 @@
 /// requests set (a streaming call's requests may name several keys).
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Action {
-    /// Size of each response payload. 0 echoes the request's payload.
-    /// Generated payloads hold the byte i % 256 at offset i.
+    /// Size of each response payload. 0 echoes the request's payload. The
+    /// bytes are generated as Action says (seed).
     #[prost(uint32, tag = "1")]
     pub response_size: u32,
     /// Response messages to send, for ServerStream and BidiStream.
@@ -62,15 +62,17 @@ pub struct Action {
     #[prost(string, tag = "10")]
     pub record_key: ::prost::alloc::string::String,
     /// Put this call's Observation, as it is at that moment, in the first
-    /// response message this action sends (Unary: its response; ClientStream:
-    /// the response, when the first request's action sets it; BidiStream: the
-    /// first response this request's action sends).
+    /// response message this action sends (Unary: its response; ServerStream:
+    /// its first response; ClientStream: the response, when the first
+    /// request's action sets it; BidiStream: the first response this request's
+    /// action sends).
     #[prost(bool, tag = "11")]
     pub observe: bool,
     /// Sizes of the response messages, one message each, in order. When set,
     /// ServerStream and BidiStream send len(response_sizes) messages and Unary
     /// and ClientStream use the first entry as their response's size;
-    /// response_size and response_count are then ignored.
+    /// response_size and response_count are then ignored. An entry of 0 is an
+    /// empty payload, never an echo.
     #[prost(uint32, repeated, tag = "12")]
     pub response_sizes: ::prost::alloc::vec::Vec<u32>,
     /// Seed of generated payloads (see Action): 0 for the i % 256 pattern.
@@ -162,10 +164,10 @@ pub struct ClientStreamRequest {
     /// Applied when this request arrives: headers, sleep, wait_for_cancel,
     /// panic, trailers and fail, in that order (response_count and
     /// message_interval do not apply). The one response comes after the
-    /// half-close: generated payload bytes (see Action) when the first
-    /// request's action sets response_size or response_sizes, else the last
-    /// request's payload; it carries the Observation when the first
-    /// request's action sets observe.
+    /// half-close: generated payload bytes (see Action, with the first
+    /// request's seed) when the first request's action sets response_size or
+    /// response_sizes, else the last request's payload; it carries the
+    /// Observation when the first request's action sets observe.
     #[prost(message, optional, tag = "2")]
     pub action: ::core::option::Option<Action>,
 }
@@ -311,8 +313,9 @@ pub mod conformance_service_client {
             self.inner = self.inner.max_encoding_message_size(limit);
             self
         }
-        /// Unary answers one UnaryResponse whose payload echoes the request's (or
-        /// holds action.response_size pattern bytes).
+        /// Unary answers one UnaryResponse whose payload echoes the request's, or
+        /// holds generated payload bytes (see Action) when the action sets
+        /// response_size or response_sizes.
         pub async fn unary(
             &mut self,
             request: impl tonic::IntoRequest<super::UnaryRequest>,
@@ -466,8 +469,9 @@ pub mod conformance_service_server {
     /// Generated trait containing gRPC methods that should be implemented for use with ConformanceServiceServer.
     #[async_trait]
     pub trait ConformanceService: std::marker::Send + std::marker::Sync + 'static {
-        /// Unary answers one UnaryResponse whose payload echoes the request's (or
-        /// holds action.response_size pattern bytes).
+        /// Unary answers one UnaryResponse whose payload echoes the request's, or
+        /// holds generated payload bytes (see Action) when the action sets
+        /// response_size or response_sizes.
         async fn unary(
             &self,
             request: tonic::Request<super::UnaryRequest>,
