@@ -4,9 +4,14 @@ package integration_test
 
 import (
 	"context"
+	"net"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -51,7 +56,17 @@ func socketPath(t testing.TB) string {
 
 func startOperatorAt(t testing.TB, path string, opts ...server.Option) *operator {
 	t.Helper()
-	target := "unix://" + path
+	return startOperatorOn(t, "unix://"+path, opts...)
+}
+
+// startOperatorOn runs a server on addr (a unix:// target or a TCP
+// address, loopback and without authentication in these tests).
+func startOperatorOn(t testing.TB, addr string, opts ...server.Option) *operator {
+	t.Helper()
+	target := addr
+	if !strings.HasPrefix(addr, "unix://") {
+		opts = append([]server.Option{server.WithInsecureNoAuthentication()}, opts...)
+	}
 	srv, err := server.New(target, opts...)
 	if err != nil {
 		t.Fatal(err)
@@ -82,6 +97,26 @@ func startOperatorAt(t testing.TB, path string, opts ...server.Option) *operator
 	}
 	t.Cleanup(stop)
 	return &operator{srv: srv, reg: srv.GetRegistry(), target: target, stop: stop}
+}
+
+// directServer serves impl on a plain gRPC server over a unix socket, the
+// control that tunnelled calls are compared with.
+func directServer(t testing.TB, impl testgrpc.TestServiceServer) *grpc.ClientConn {
+	t.Helper()
+	lis, err := net.Listen("unix", socketPath(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	testgrpc.RegisterTestServiceServer(gs, impl)
+	go gs.Serve(lis)
+	t.Cleanup(gs.Stop)
+	cc, err := grpc.NewClient("unix://"+lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return cc
 }
 
 func startOperator(t testing.TB, opts ...server.Option) *operator {

@@ -3,14 +3,12 @@ package integration_test
 import (
 	"context"
 	"fmt"
-	"net"
 	"sync"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/grpclog"
 	"google.golang.org/grpc/interop"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
@@ -130,19 +128,7 @@ func interopConns(t *testing.T) map[string]grpc.ClientConnInterface {
 		t.Fatal(err)
 	}
 
-	lis, err := net.Listen("unix", socketPath(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer()
-	testgrpc.RegisterTestServiceServer(gs, interop.NewTestServer())
-	go gs.Serve(lis)
-	t.Cleanup(gs.Stop)
-	cc, err := grpc.NewClient("unix://"+lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cc.Close() })
+	cc := directServer(t, interop.NewTestServer())
 	return map[string]grpc.ClientConnInterface{"tunnel": p, "direct": cc}
 }
 

@@ -106,17 +106,18 @@ func (f *freezer) close() {
 	f.wg.Wait()
 }
 
-func TestHeartbeatDetectsHungPlugin(t *testing.T) {
-	const interval = 300 * time.Millisecond
-	op := startOperator(t, server.WithHeartbeatInterval(interval))
+// heldCallThroughFreezer connects a plugin to op through a freezer and
+// starts a call that its handler holds; the call's error comes on errc.
+func heldCallThroughFreezer(t *testing.T, op *operator) (*freezer, <-chan error) {
+	t.Helper()
 	fr, target := newFreezer(t, strings.TrimPrefix(op.target, "unix://"))
 	started := make(chan struct{}, 1)
 	c, err := client.New(context.Background(), "p", target, "v1", &testgrpc.TestService_ServiceDesc,
-		&testService{OnEmpty: blocker(started, nil)})
+		&testService{OnEmpty: blocker(started, nil)}, client.WithBackoff(fastBackoff))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
 	if err := c.Ready(ctxTimeout(t, 5*time.Second)); err != nil {
 		t.Fatal(err)
 	}
@@ -127,9 +128,16 @@ func TestHeartbeatDetectsHungPlugin(t *testing.T) {
 		errc <- err
 	}()
 	<-started
+	return fr, errc
+}
+
+func TestHeartbeatDetectsHungPlugin(t *testing.T) {
+	const interval = 300 * time.Millisecond
+	op := startOperator(t, server.WithHeartbeatInterval(interval))
+	fr, errc := heldCallThroughFreezer(t, op)
 	fr.freeze()
 	frozenAt := time.Now()
-	err = <-errc
+	err := <-errc
 	elapsed := time.Since(frozenAt)
 	wantCode(t, err, codes.Unavailable)
 	if elapsed > 2*interval {
@@ -321,27 +329,9 @@ func TestPluginCloseDrains(t *testing.T) {
 // the plugin's connection was lost, not "context canceled", which would
 // read as the caller's own cancellation.
 func TestPluginLostMidCall(t *testing.T) {
-	op := startOperator(t)
-	fr, target := newFreezer(t, strings.TrimPrefix(op.target, "unix://"))
-	started := make(chan struct{}, 1)
-	c, err := client.New(context.Background(), "p", target, "v1", &testgrpc.TestService_ServiceDesc,
-		&testService{OnEmpty: blocker(started, nil)}, client.WithBackoff(fastBackoff))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.Ready(ctxTimeout(t, 5*time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	call := op.call(t, "p")
-	errc := make(chan error, 1)
-	go func() {
-		_, err := call.EmptyCall(ctxTimeout(t, 30*time.Second), &testgrpc.Empty{})
-		errc <- err
-	}()
-	<-started
+	fr, errc := heldCallThroughFreezer(t, startOperator(t))
 	fr.close() // the connection breaks, as when the plugin's process dies
-	err = <-errc
+	err := <-errc
 	wantCode(t, err, codes.Unavailable)
 	if msg := status.Convert(err).Message(); !strings.Contains(msg, "connection to the plugin lost") || strings.Contains(msg, "context canceled") {
 		t.Fatalf("call failed with %q, want it to say the plugin's connection was lost", msg)

@@ -114,36 +114,6 @@ func registered(t *testing.T, within time.Duration, want int, ops ...*operator) 
 	}
 }
 
-// startOperatorOn runs a server on a TCP address.
-func startOperatorOn(t testing.TB, addr string, opts ...server.Option) *operator {
-	t.Helper()
-	srv, err := server.New(addr, append([]server.Option{server.WithInsecureNoAuthentication()}, opts...)...) // loopback, no credentials in these tests
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Start(ctx) }()
-	actx, acancel := context.WithTimeout(ctx, 5*time.Second)
-	defer acancel()
-	if _, err := srv.Addr(actx); err != nil {
-		t.Fatal(err)
-	}
-	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			cancel()
-			select {
-			case <-errc:
-			case <-time.After(30 * time.Second):
-				t.Errorf("server on %s did not stop", addr)
-			}
-		})
-	}
-	t.Cleanup(stop)
-	return &operator{srv: srv, reg: srv.GetRegistry(), target: addr, stop: stop}
-}
-
 func TestReplicasEachGetThePlugin(t *testing.T) {
 	for _, n := range []int{2, 3} {
 		t.Run(fmt.Sprint(n), func(t *testing.T) {
