@@ -66,7 +66,12 @@ func Generate() error {
 		return err
 	}
 	if pythonPresent() {
-		return Python{}.Generate() // magefile_python.go
+		if err := (Python{}).Generate(); err != nil { // magefile_python.go
+			return err
+		}
+	}
+	if rustPresent() {
+		return RustGenerate() // magefile_rust.go
 	}
 	return nil
 }

@@ -47,6 +47,17 @@ func rustBuild() error {
 	return cargo(nil, "build", "--release", "--workspace")
 }
 
+// RustGenerate regenerates the Rust code generated from proto/ (protox and
+// tonic-prost-build, no protoc): what RustLint's freshness test compares.
+// It runs the codegen binary of the whole-workspace build, so that no
+// other feature set is compiled.
+func RustGenerate() error {
+	if err := rustBuild(); err != nil {
+		return err
+	}
+	return runIn(rustDir, nil, rustBin("codegen"))
+}
+
 // RustBuild builds the Rust workspace (release profile, into .cache/).
 func RustBuild() error {
 	return rustBuild()

@@ -1,7 +1,6 @@
 package conformance
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -217,5 +216,3 @@ func (r *caseRun) replicaIndex(i int) error {
 	}
 	return nil
 }
-
-var errNoReplicas = errors.New("this step needs an operator with replicas")

@@ -130,7 +130,9 @@ func run() error {
 		return err
 	}
 	p := &proxy{reg: srv.GetRegistry(), plugin: *plugin}
-	gs := grpc.NewServer(grpc.ForceServerCodecV2(rawCodec{}), grpc.UnknownServiceHandler(p.handle))
+	// The proxy lets any size through: the tunnel's limits are what a test checks.
+	gs := grpc.NewServer(grpc.ForceServerCodecV2(rawCodec{}), grpc.UnknownServiceHandler(p.handle),
+		grpc.MaxRecvMsgSize(1<<30), grpc.MaxSendMsgSize(1<<30))
 	go gs.Serve(lis) //nolint:errcheck // ends with Stop below
 
 	out := &events{enc: json.NewEncoder(os.Stdout)}

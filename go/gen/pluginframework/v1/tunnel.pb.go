@@ -131,7 +131,7 @@ type Frame struct {
 	// The stream this frame belongs to. 0 for tunnel frames (hello,
 	// registration, heartbeats, go-away); non-zero for stream frames. Streams
 	// opened by the operator have odd ids, streams opened by the plugin even
-	// ids (reserved: protocol version 1 has no plugin-initiated calls). Ids
+	// ids (reserved: protocol version 2 has no plugin-initiated calls). Ids
 	// grow strictly and are never reused within a tunnel.
 	StreamId uint64 `protobuf:"varint,1,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
 	// Types that are valid to be assigned to Kind:

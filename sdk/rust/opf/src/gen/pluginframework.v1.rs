@@ -18,7 +18,7 @@ pub struct Frame {
     /// The stream this frame belongs to. 0 for tunnel frames (hello,
     /// registration, heartbeats, go-away); non-zero for stream frames. Streams
     /// opened by the operator have odd ids, streams opened by the plugin even
-    /// ids (reserved: protocol version 1 has no plugin-initiated calls). Ids
+    /// ids (reserved: protocol version 2 has no plugin-initiated calls). Ids
     /// grow strictly and are never reused within a tunnel.
     #[prost(uint64, tag = "1")]
     pub stream_id: u64,
