@@ -723,12 +723,22 @@ func (t *Tunnel) Registration(ctx context.Context) (*pb.Register, error) {
 }
 
 // Accept answers the registration (operator side): from now on calls flow.
-func (t *Tunnel) Accept(instanceID string) {
+//
+// publish runs once calls may be opened and before the ack can leave, so
+// that the operator can list the tunnel (in its registry) before the plugin
+// learns it is registered: a plugin whose registration is answered is
+// callable. The ack is queued ahead of any StreamOpen (spec 3.2).
+func (t *Tunnel) Accept(instanceID string, publish func()) {
+	t.w.pause()
+	defer t.w.resume()
 	t.mu.Lock()
 	t.phase = phaseReady
+	t.w.push(&pb.Frame{Kind: &pb.Frame_RegisterAck{RegisterAck: &pb.RegisterAck{InstanceId: instanceID}}})
 	t.mu.Unlock()
-	t.w.control(&pb.Frame{Kind: &pb.Frame_RegisterAck{RegisterAck: &pb.RegisterAck{InstanceId: instanceID}}})
 	t.w.setMaxBatch(t.peer.MaxBatchSize) // after the ack: that batch stays within 64 KiB (spec 3.3)
+	if publish != nil {
+		publish()
+	}
 }
 
 // Reject refuses the registration (operator side) and closes the tunnel

@@ -28,6 +28,7 @@ type writer struct {
 	pong     *pb.Frame  // at most one pending pong: a ping flood cannot grow the queue
 	ready    []*stream  // streams with queued frames, in turn order
 	flushing bool       // finish what is queued, then close the tunnel
+	paused   bool       // send nothing until resume (Tunnel.Accept)
 	wake     chan struct{}
 	stopped  chan struct{}
 }
@@ -130,6 +131,20 @@ func freeOut(frames []outFrame) {
 	}
 }
 
+// pause holds every frame back until resume.
+func (w *writer) pause() {
+	w.mu.Lock()
+	w.paused = true
+	w.mu.Unlock()
+}
+
+func (w *writer) resume() {
+	w.mu.Lock()
+	w.paused = false
+	w.mu.Unlock()
+	w.signal()
+}
+
 // flush asks the writer to send everything queued and then close the
 // tunnel (see closeFlushed).
 func (w *writer) flush() {
@@ -174,6 +189,9 @@ func (w *writer) run() {
 func (w *writer) collect(batch []outFrame) ([]outFrame, bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if w.paused {
+		return batch, false
+	}
 	size := 0
 	n := 0
 	for ; n < len(w.ctrl) && len(batch) < maxBatchFrames; n++ {
