@@ -400,8 +400,9 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		Identity:    id.User,
 		ConnectedAt: time.Now(),
 	}
+	// Listed before the plugin hears it is registered: Ready means callable.
 	var remove func()
-	t.Accept(inst.ID, func() { remove = s.reg.Add(inst, t) }) // listed before the plugin hears it is registered
+	t.Accept(inst.ID, func() { remove = s.reg.Add(inst, t) })
 	tk.leave() // registered: no longer counts against the admission limits
 	lg.Info("plugin registered", "instance", inst.ID, "services", inst.Services)
 	stopLifetime := s.limitLifetime(t, id, cause, lg)            // security.go
