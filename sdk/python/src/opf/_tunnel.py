@@ -9,6 +9,7 @@ handler task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -144,6 +145,9 @@ class Tunnel:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._call_status: grpc.aio.AioRpcError | None = None
+        self._call_status_set = asyncio.Event()
+        call.add_done_callback(self._on_call_done)
 
     # --- life -------------------------------------------------------------
 
@@ -226,7 +230,34 @@ class Tunnel:
             self.answer.exception()  # retrieved: the slot may be gone
 
     def _write_failed(self, e: BaseException) -> None:
+        if self.closed is None:
+            self._tasks.append(self.loop.create_task(self._close_with_final_status(e)))
+
+    async def _close_with_final_status(self, e: BaseException) -> None:
+        """Closes with the status the operator sent, not grpcio's placeholder.
+
+        A write that fails because the operator already ended the call (a
+        refused token, say) makes grpcio replace the call's status with
+        INTERNAL "Internal error from Core", before or after the operator's
+        status arrives; _on_call_done keeps the first real one.
+        """
+        if _is_core_placeholder(e):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._call_status_set.wait(), FINAL_STATUS_GRACE)
+            if self._call_status is not None:
+                e = self._call_status
         self.close(_transport_status(e))
+
+    def _on_call_done(self, call: Any) -> None:
+        """grpcio calls this each time it sets the call's status."""
+        if self._call_status is not None:
+            return
+        code, details = _now(call.code()), _now(call.details())
+        if code is None or (code == grpc.StatusCode.INTERNAL and details == _CORE_PLACEHOLDER):
+            return
+        empty = grpc.aio.Metadata()
+        self._call_status = grpc.aio.AioRpcError(code, empty, empty, details)
+        self._call_status_set.set()
 
     async def drain(self, timeout: float) -> None:
         """Plugin shutdown (12.4): GoAway, let calls finish, half-close."""
@@ -308,7 +339,7 @@ class Tunnel:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self.close(_transport_status(e))
+            await self._close_with_final_status(e)
 
     def _on_frame(self, f: Any) -> None:
         kind = f.WhichOneof("kind")
@@ -554,6 +585,31 @@ class Tunnel:
                         )
                     )
                     return
+
+
+_CORE_PLACEHOLDER = "Internal error from Core"
+# How long a failed read or write waits for the operator's status (above).
+FINAL_STATUS_GRACE = 0.5
+
+
+def _now(coro: Any) -> Any:
+    """The result of a grpc.aio coroutine that is ready, such as a finished
+    call's code(), without awaiting it (inside a done callback); None if it
+    would wait."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    return None
+
+
+def _is_core_placeholder(e: BaseException) -> bool:
+    return (
+        isinstance(e, grpc.aio.AioRpcError)
+        and e.code() == grpc.StatusCode.INTERNAL
+        and e.details() == _CORE_PLACEHOLDER
+    )
 
 
 def _transport_status(e: BaseException) -> status_pb2.Status:
