@@ -77,21 +77,9 @@ func Conformance(ctx context.Context) error {
 	if err := runIn("conformance", nil, "go", "build", "-o", runner, "./cmd/conformance"); err != nil {
 		return err
 	}
-	var args []string
-	for _, sdk := range conformanceSDKs() {
-		if _, err := os.Stat(sdk.dir); errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if sdk.build != nil {
-			if err := sdk.build(); err != nil {
-				return fmt.Errorf("building the %s plugin under test: %w", sdk.name, err)
-			}
-		}
-		cmd, err := sdk.cmd()
-		if err != nil {
-			return err
-		}
-		args = append(args, "--plugin-cmd", sdk.name+"="+cmd)
+	args, err := pluginCommands("--plugin-cmd", func(string) bool { return true })
+	if err != nil {
+		return err
 	}
 	args = append(args, strings.Fields(os.Getenv("CONFORMANCE_FLAGS"))...)
 	if err := runIn(".", nil, runner, args...); err != nil {
@@ -103,4 +91,29 @@ func Conformance(ctx context.Context) error {
 func absPath(elem ...string) string {
 	p, _ := filepath.Abs(filepath.Join(elem...))
 	return p
+}
+
+// pluginCommands builds the conformance plugins of the SDKs in the tree
+// that include accepts and returns, for each, flag and NAME=COMMAND.
+func pluginCommands(flag string, include func(name string) bool) ([]string, error) {
+	var args []string
+	for _, sdk := range conformanceSDKs() {
+		if !include(sdk.name) {
+			continue
+		}
+		if _, err := os.Stat(sdk.dir); errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if sdk.build != nil {
+			if err := sdk.build(); err != nil {
+				return nil, fmt.Errorf("building the %s plugin: %w", sdk.name, err)
+			}
+		}
+		cmd, err := sdk.cmd()
+		if err != nil {
+			return nil, err
+		}
+		args = append(args, flag, sdk.name+"="+cmd)
+	}
+	return args, nil
 }
