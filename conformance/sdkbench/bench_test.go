@@ -6,6 +6,9 @@
 //
 //	go test -bench . ./sdkbench -args -sdk 'python=/venv/bin/python sdk/python/conformance_plugin.py'
 //
+// Each SDK's plugin is started once per mode for the whole run, and warmed
+// before each benchmark.
+//
 // Without -sdk the benchmarks skip.
 package sdkbench
 
@@ -40,7 +43,10 @@ type sdks []string
 func (s *sdks) String() string     { return strings.Join(*s, ",") }
 func (s *sdks) Set(v string) error { *s = append(*s, v); return nil }
 
-var sdkFlag sdks
+var (
+	sdkFlag     sdks
+	tunnelFirst = flag.Bool("tunnel-first", false, "run each benchmark through the tunnel before the direct one (mage alternates it by round)")
+)
 
 func init() {
 	flag.Var(&sdkFlag, "sdk", "NAME=COMMAND of an SDK's conformance plugin; repeated")
@@ -78,7 +84,11 @@ func each(b *testing.B, bench func(*testing.B, confv1.ConformanceServiceClient))
 		if err != nil {
 			b.Fatal(err)
 		}
-		for _, mode := range []string{"direct", "tunnel"} {
+		modes := []string{"direct", "tunnel"}
+		if *tunnelFirst {
+			slices.Reverse(modes)
+		}
+		for _, mode := range modes {
 			b.Run(name+"/"+mode, func(b *testing.B) {
 				c, err := dial(name, mode, argv)
 				if err != nil {
