@@ -142,7 +142,7 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		l.byPeer[key]++
 		l.mu.Unlock()
 		connectionsGauge.Inc()
-		return &countedConn{Conn: c, release: func() { l.release(key) }}, nil
+		return withReadOnReady(&countedConn{Conn: c, release: func() { l.release(key) }}), nil
 	}
 }
 

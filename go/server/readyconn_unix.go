@@ -1,0 +1,85 @@
+//go:build unix
+
+package server
+
+import (
+	"errors"
+	"io"
+	"net"
+	"syscall"
+
+	"google.golang.org/grpc/mem"
+)
+
+// withReadOnReady lets gRPC read c without pinning a buffer to it.
+//
+// Cost: gRPC reads an HTTP/2 connection through a 32 KiB buffer. On a bare
+// *net.TCPConn or *net.UnixConn it takes that buffer from a pool only when
+// the socket is readable and gives it back once drained, so an idle
+// connection holds none; on any other net.Conn it keeps a bufio.Reader for
+// the connection's life. countedConn is another net.Conn: without
+// ReadOnReady (the optional interface gRPC looks for) every idle tunnel
+// would cost the operator 32 KiB more.
+func withReadOnReady(c *countedConn) net.Conn {
+	switch c.Conn.(type) {
+	case *net.TCPConn, *net.UnixConn: // their raw reads are the connection's bytes
+	default:
+		return c
+	}
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return c
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return c
+	}
+	return &readyConn{countedConn: c, raw: raw}
+}
+
+// readyConn is a countedConn gRPC reads with ReadOnReady.
+type readyConn struct {
+	*countedConn
+	raw syscall.RawConn
+}
+
+// ReadOnReady waits until the socket is readable, then takes a buffer of
+// size bytes from pool and reads into it. The caller owns the buffer
+// returned (nil on error) and puts it back in pool.
+func (c *readyConn) ReadOnReady(size int, pool mem.BufferPool) (*[]byte, int, error) {
+	var (
+		buf     *[]byte
+		n       int
+		readErr error
+	)
+	err := c.raw.Read(func(fd uintptr) bool {
+		buf = pool.Get(size)
+		for {
+			n, readErr = syscall.Read(int(fd), *buf)
+			if !errors.Is(readErr, syscall.EINTR) {
+				break
+			}
+		}
+		if readErr != nil {
+			pool.Put(buf)
+			buf = nil
+			// Not readable after all: wait again (the poller is
+			// edge-triggered, so only a real EAGAIN may wait).
+			return readErr != syscall.EAGAIN && readErr != syscall.EWOULDBLOCK
+		}
+		return true
+	})
+	switch {
+	case err != nil: // closed, or a deadline passed while waiting
+		if buf != nil {
+			pool.Put(buf)
+		}
+		return nil, 0, err
+	case readErr != nil:
+		return nil, 0, readErr
+	case n <= 0:
+		pool.Put(buf)
+		return nil, 0, io.EOF
+	}
+	return buf, n, nil
+}
