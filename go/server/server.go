@@ -352,6 +352,11 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 	if st, why := tk.identify(id.User); st != nil {
 		return refuse(why, st)
 	}
+	// This goroutine, which gRPC started for the stream and which would
+	// otherwise only wait, reads the tunnel (streamend.go); the handshake
+	// runs in a goroutine of its own that ends once the plugin is
+	// registered.
+	end := streamEnder(ctx)
 	t := tunnel.New(tunnel.ServerTransport(stream), tunnel.Config{
 		Side:                 tunnel.OperatorSide,
 		Settings:             s.cfg.settings,
@@ -359,22 +364,46 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		MaxHeartbeatInterval: heartbeatCapFactor * s.cfg.settings.HeartbeatInterval,
 		Peer:                 p,
 		Logger:               lg,
+		ReadInCaller:         end != nil,
+		OnClose:              end,
 	})
 	cause := &drainCause{}
 	if !s.track(t, cause) {
 		t.Close(status.New(codes.Unavailable, "operator shutting down"))
+		if end != nil {
+			t.ReadLoop() // returns at once: the close ended the stream
+		}
 		t.Wait()
 		return status.Error(codes.Unavailable, "operator shutting down")
 	}
 	defer s.untrack(t)
+	if end == nil {
+		return s.serve(ctx, t, tk, id, p, cause, lg)()
+	}
+	var finish func() error
+	handshook := make(chan struct{})
+	go func() {
+		defer close(handshook)
+		finish = s.serve(ctx, t, tk, id, p, cause, lg)
+	}()
+	t.ReadLoop()
+	<-handshook
+	return finish()
+}
 
+// serve registers the tunnel t and returns what ends it: a function that
+// waits until the tunnel has closed, unregisters it, and returns the
+// handler's error.
+func (s *Server) serve(ctx context.Context, t *tunnel.Tunnel, tk *ticket, id Identity, p *peer.Peer, cause *drainCause, lg logr.Logger) (end func() error) {
 	hctx, cancel := context.WithTimeout(ctx, s.cfg.handshakeTimeout)
 	r, err := t.Registration(hctx)
 	cancel()
 	if err != nil {
 		tunnelsRefused.WithLabelValues("handshake").Inc()
-		t.Wait()
-		return err
+		return func() error {
+			t.Wait()
+			return err
+		}
 	}
 	reg := Registration{Name: r.GetName(), Version: r.GetVersion(), Services: r.GetServices(), Labels: r.GetLabels()}
 	err = validate(reg)
@@ -388,8 +417,10 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		tunnelsRefused.WithLabelValues("registration").Inc()
 		lg.Info("registration refused", "peer", peerKey(p), "code", st.Code(), "reason", quote(st.Message()))
 		t.Reject(st)
-		t.Wait()
-		return st.Err()
+		return func() error {
+			t.Wait()
+			return st.Err()
+		}
 	}
 	inst := registry.Instance{
 		ID:          fmt.Sprintf("%s-%d", reg.Name, s.nextID.Add(1)),
@@ -407,14 +438,16 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 	lg.Info("plugin registered", "instance", inst.ID, "services", inst.Services)
 	stopLifetime := s.limitLifetime(t, id, cause, lg)            // security.go
 	stopRevalidation := s.revalidate(ctx, t, id, reg, cause, lg) // security.go
-	<-t.Done()
-	stopRevalidation()
-	stopLifetime()
-	remove()
-	t.Wait()
-	err = t.Err()
-	lg.Info("plugin unregistered", "instance", inst.ID, "reason", endReason(err, cause))
-	return err
+	return func() error {
+		<-t.Done()
+		stopRevalidation()
+		stopLifetime()
+		remove()
+		t.Wait()
+		err := t.Err()
+		lg.Info("plugin unregistered", "instance", inst.ID, "reason", endReason(err, cause))
+		return err
+	}
 }
 
 // endReason says in words why a registered tunnel ended.
