@@ -124,7 +124,7 @@ func New(addr string, opts ...Option) (*Server, error) {
 	if len(cfg.replicaID) > 253 || cfg.replicaCount < 0 {
 		return nil, fmt.Errorf("replica id %q longer than 253 bytes or negative count %d", quote(cfg.replicaID), cfg.replicaCount)
 	}
-	s := &Server{addr: addr, cfg: cfg, reg: cfg.registry, adm: newAdmission(cfg.limits),
+	s := &Server{addr: addr, cfg: cfg, reg: cfg.registry, adm: newAdmission(cfg.limits, cfg.handshakeTimeout),
 		tunnels: map[*tunnel.Tunnel]*drainCause{}, bound: make(chan struct{})}
 	discard := logr.Discard()
 	s.log.Store(&discard)
@@ -334,7 +334,7 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		lg.Info("tunnel refused", "peer", peerKey(p), "code", st.Code(), "reason", st.Message())
 		return st.Err()
 	}
-	tk, st, why := s.adm.enter(p)
+	tk, st, why := s.adm.enter(ctx, p)
 	if st != nil {
 		return refuse(why, st)
 	}
@@ -349,7 +349,7 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		lg.V(1).Info("tunnel refused", "peer", peerKey(p), "code", st.Code(), "reason", st.Message())
 		return st.Err()
 	}
-	if st, why := tk.identify(id.User); st != nil {
+	if st, why := tk.identify(ctx, id.User); st != nil {
 		return refuse(why, st)
 	}
 	// This goroutine, which gRPC started for the stream and which would
