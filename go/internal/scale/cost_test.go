@@ -1,6 +1,7 @@
 package scale_test
 
 import (
+	"context"
 	"os"
 	"runtime"
 	"runtime/pprof"
@@ -24,14 +25,26 @@ const (
 // holds per idle registered tunnel: heap in use after GC and goroutines,
 // told apart by who started them. OPF_COST_HEAP_PROFILE=file writes the
 // operator's heap profile.
+//
+// It runs twice: without authentication, and with an authenticator (which
+// makes the server revalidate every registered tunnel from time to time).
 func TestIdleTunnelCost(t *testing.T) {
+	authenticated := func(context.Context) (server.Identity, error) {
+		return server.Identity{User: "system:serviceaccount:plugins:echo"}, nil
+	}
+	t.Run("anonymous", func(t *testing.T) { idleTunnelCost(t) })
+	t.Run("authenticated", func(t *testing.T) { idleTunnelCost(t, server.WithAuthenticator(authenticated)) })
+}
+
+func idleTunnelCost(t *testing.T, opts ...server.Option) {
 	n := envInt("OPF_COST_PLUGINS", 1000)
 	addr := "unix://" + socket(t)
-	op := startOperator(t, addr,
+	op := startOperator(t, addr, append([]server.Option{
 		// One unix socket is one peer: the per-peer limits must allow
 		// every plugin.
 		server.WithMaxConnections(n+16, n+16),
-		server.WithMaxUnregisteredTunnels(n, n))
+		server.WithMaxUnregisteredTunnels(n, n),
+	}, opts...)...)
 
 	time.Sleep(100 * time.Millisecond) // let the server settle
 	m0, g0 := heapAfterGC(), goroutinesByOwner()

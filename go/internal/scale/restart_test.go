@@ -15,23 +15,29 @@ import (
 const reregisterWithin = 10 * time.Second
 
 // scaleOptions are what an operator serving n plugins on one unix socket
-// must set: the default connection limits (1024 in all, 64 from one peer,
-// and every client of a unix socket is one peer) would refuse most of
-// them for good. OPF_SCALE_UNREGISTERED=total,perPeer sets the limits on
-// tunnels waiting to register (default: the server's, 64 and 8).
+// must set. Every client of a unix socket is one peer: the default
+// connection limits (1024 in all, 64 from one peer) would refuse most
+// plugins for good, and the default limits on tunnels waiting to register
+// (64 in all, 8 from one peer) let only 36 of 10,000 plugins back within
+// 10 s here (a few thousand waiting in line, the rest refused and backing
+// off). OPF_SCALE_UNREGISTERED=total,perPeer sets those (default
+// 1024,1024; "default": the server's).
 func scaleOptions(t *testing.T, n int) []server.Option {
 	opts := []server.Option{server.WithMaxConnections(n+n/10, n+n/10)}
-	if v := os.Getenv("OPF_SCALE_UNREGISTERED"); v != "" {
-		var total, per int
-		if _, err := fmt.Sscanf(v, "%d,%d", &total, &per); err != nil {
-			t.Fatalf("OPF_SCALE_UNREGISTERED=%q: want total,perPeer", v)
-		}
-		opts = append(opts, server.WithMaxUnregisteredTunnels(total, per))
-		t.Logf("limits on unregistered tunnels: %d in all, %d per peer", total, per)
-	} else {
+	v := os.Getenv("OPF_SCALE_UNREGISTERED")
+	switch v {
+	case "default":
 		t.Logf("limits on unregistered tunnels: the defaults")
+		return opts
+	case "":
+		v = "1024,1024"
 	}
-	return opts
+	var total, per int
+	if _, err := fmt.Sscanf(v, "%d,%d", &total, &per); err != nil {
+		t.Fatalf("OPF_SCALE_UNREGISTERED=%q: want total,perPeer or default", v)
+	}
+	t.Logf("limits on unregistered tunnels: %d in all, %d per peer", total, per)
+	return append(opts, server.WithMaxUnregisteredTunnels(total, per))
 }
 
 // TestRestartReconnect connects OPF_SCALE_PLUGINS plugins (default 10,000,
