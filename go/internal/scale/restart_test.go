@@ -19,7 +19,7 @@ const reregisterWithin = 10 * time.Second
 // connection limits (1024 in all, 64 from one peer) would refuse most
 // plugins for good, and the default limits on tunnels waiting to register
 // (64 in all, 8 from one peer) let only 36 of 10,000 plugins back within
-// 10 s here (a few thousand waiting in line, the rest refused and backing
+// 10 s here (256 waiting in line, the rest refused and backing
 // off). OPF_SCALE_UNREGISTERED=total,perPeer sets those (default
 // 1024,1024; "default": the server's).
 func scaleOptions(t *testing.T, n int) []server.Option {
