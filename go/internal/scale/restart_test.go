@@ -65,6 +65,9 @@ func TestRestartReconnect(t *testing.T) {
 	p := startPlugins(t, addr, n, procs)
 	t.Logf("%d plugin clients started in %d processes in %v", n, procs, time.Since(start).Round(time.Millisecond))
 	first := record(t, op, n, start, 60*time.Second)
+	if first.all == 0 {
+		t.Fatalf("first connection: %d of %d registered after 60 s", first.counts[len(first.counts)-1], n)
+	}
 	t.Logf("first connection: all %d registered %v after the clients started", n, first.all.Round(time.Millisecond))
 
 	stopAt := time.Now()
