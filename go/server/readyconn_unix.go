@@ -34,41 +34,35 @@ func withReadOnReady(c *countedConn) net.Conn {
 	if err != nil {
 		return c
 	}
-	return &readyConn{countedConn: c, raw: raw}
+	rc := &readyConn{countedConn: c, raw: raw}
+	rc.doRead = rc.read
+	return rc
 }
 
-// readyConn is a countedConn gRPC reads with ReadOnReady.
+// readyConn is a countedConn gRPC reads with ReadOnReady. Only gRPC's
+// reader calls ReadOnReady, one call at a time; the state of the call in
+// progress lives in the struct, and doRead is made once, so that a read
+// allocates nothing.
 type readyConn struct {
 	*countedConn
-	raw syscall.RawConn
+	raw    syscall.RawConn
+	doRead func(fd uintptr) bool
+
+	size    int
+	pool    mem.BufferPool
+	buf     *[]byte
+	n       int
+	readErr error
 }
 
 // ReadOnReady waits until the socket is readable, then takes a buffer of
 // size bytes from pool and reads into it. The caller owns the buffer
 // returned (nil on error) and puts it back in pool.
 func (c *readyConn) ReadOnReady(size int, pool mem.BufferPool) (*[]byte, int, error) {
-	var (
-		buf     *[]byte
-		n       int
-		readErr error
-	)
-	err := c.raw.Read(func(fd uintptr) bool {
-		buf = pool.Get(size)
-		for {
-			n, readErr = syscall.Read(int(fd), *buf)
-			if !errors.Is(readErr, syscall.EINTR) {
-				break
-			}
-		}
-		if readErr != nil {
-			pool.Put(buf)
-			buf = nil
-			// Not readable after all: wait again (the poller is
-			// edge-triggered, so only a real EAGAIN may wait).
-			return readErr != syscall.EAGAIN && readErr != syscall.EWOULDBLOCK
-		}
-		return true
-	})
+	c.size, c.pool = size, pool
+	err := c.raw.Read(c.doRead)
+	buf, n, readErr := c.buf, c.n, c.readErr
+	c.pool, c.buf, c.readErr = nil, nil, nil
 	switch {
 	case err != nil: // closed, or a deadline passed while waiting
 		if buf != nil {
@@ -82,4 +76,23 @@ func (c *readyConn) ReadOnReady(size int, pool mem.BufferPool) (*[]byte, int, er
 		return nil, 0, io.EOF
 	}
 	return buf, n, nil
+}
+
+// read is the raw read: false (not readable after all) makes raw.Read
+// wait again. The poller is edge-triggered, so only a real EAGAIN may
+// wait.
+func (c *readyConn) read(fd uintptr) bool {
+	c.buf = c.pool.Get(c.size)
+	for {
+		c.n, c.readErr = syscall.Read(int(fd), *c.buf)
+		if !errors.Is(c.readErr, syscall.EINTR) {
+			break
+		}
+	}
+	if c.readErr != nil {
+		c.pool.Put(c.buf)
+		c.buf = nil
+		return c.readErr != syscall.EAGAIN && c.readErr != syscall.EWOULDBLOCK
+	}
+	return true
 }
