@@ -193,6 +193,18 @@ func Stress() error {
 		"-run", "^(TestStress|TestInteropConcurrent)$", "./internal/integration/", "-args", "-stress.duration="+d)
 }
 
+// Scale measures one operator with many plugins (internal/scale): what an
+// idle registered tunnel costs the operator (heap and goroutines, with
+// 1,000 plugins), and how fast 10,000 plugins register again after the
+// operator restarts, with the curve of registrations every 100 ms. The
+// plugins run in child processes. $OPF_SCALE_PLUGINS, $OPF_SCALE_PROCS,
+// $OPF_SCALE_GAP_MS and $OPF_SCALE_UNREGISTERED (total,perPeer) change
+// the restart test's set-up (go/internal/scale/restart_test.go).
+func Scale() error {
+	return runIn("go", map[string]string{"OPF_SCALE": "1"}, "go", "test", "-count=1", "-timeout=20m", "-v",
+		"-run", "^(TestIdleTunnelCost|TestRestartReconnect)$", "./internal/scale/")
+}
+
 // Bench compares calls through the tunnel with direct gRPC calls on this
 // machine, in the same run, and prints the ratios. The rounds alternate
 // direct and tunnelled runs of each benchmark, so that drift in the

@@ -1,8 +1,10 @@
 package server
 
 import (
+	"context"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -142,7 +144,7 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		l.byPeer[key]++
 		l.mu.Unlock()
 		connectionsGauge.Inc()
-		return &countedConn{Conn: c, release: func() { l.release(key) }}, nil
+		return withReadOnReady(&countedConn{Conn: c, release: func() { l.release(key) }}), nil
 	}
 }
 
@@ -178,20 +180,57 @@ func (c *countedConn) Close() error {
 // key: the peer's IP address until the tunnel is authenticated, then its
 // user (so that tunnels a local proxy forwards for many plugins count per
 // plugin identity, not all as one peer).
+//
+// A tunnel over a limit waits for a place, first come first served, for
+// at most admissionWait, and only while fewer than maxWaiting tunnels
+// wait; beyond either it is refused with RESOURCE_EXHAUSTED.
+//
+// Cost: after an operator restart every plugin reconnects at once. Refused
+// at once, each would come back with a longer backoff and a new connection
+// to set up: measured with 10,000 plugins on one socket, refusing at once
+// let only 60 register again within 10 s, and made both sides spend their
+// CPU on refused attempts. Waiting in line keeps the server registering
+// at its own pace; a waiting tunnel holds only its stream and the
+// goroutine gRPC gave it, nothing read yet, and so few wait (maxWaiting)
+// that the limits still bound what a flood can make the server hold.
 type admission struct {
 	maxTotal, maxPer int // ≤ 0: no limit
+	maxWaiting       int
+	wait             time.Duration
 
-	mu    sync.Mutex
-	total int
-	byKey map[string]int
+	mu      sync.Mutex
+	total   int
+	byKey   map[string]int
+	waiters []*waiter // in arrival order
 }
 
-func newAdmission(l limits) *admission {
-	return &admission{
+// admissionWaitingFactor: up to this many times maxTotal tunnels wait
+// for a place (with the default limits, 256).
+const admissionWaitingFactor = 4
+
+// maxAdmissionWait bounds how long a tunnel waits for a place, so that
+// the plugin has time left to register within its own handshake timeout
+// (10 s by default) once it has one.
+const maxAdmissionWait = 5 * time.Second
+
+// waiter is a tunnel waiting for a place under key; ready is closed once
+// it has one (granted).
+type waiter struct {
+	key     string
+	enter   bool // it needs a place in the total too
+	ready   chan struct{}
+	granted bool
+}
+
+func newAdmission(l limits, handshakeTimeout time.Duration) *admission {
+	a := &admission{
 		maxTotal: orDefault(l.maxUnregistered, defaultMaxUnregistered),
 		maxPer:   orDefault(l.maxUnregisteredPer, defaultMaxUnregisteredPerPeer),
+		wait:     min(handshakeTimeout/2, maxAdmissionWait),
 		byKey:    map[string]int{},
 	}
+	a.maxWaiting = admissionWaitingFactor * max(a.maxTotal, a.maxPer, defaultMaxUnregistered)
+	return a
 }
 
 // ticket is one unregistered tunnel's place.
@@ -201,38 +240,106 @@ type ticket struct {
 	done bool
 }
 
-// enter takes a place for a tunnel from p, or says why there is none.
-func (a *admission) enter(p *peer.Peer) (*ticket, *status.Status, string) {
-	key := peerKey(p)
+// fitsLocked reports whether a tunnel may take a place under key (and in
+// the total, with enter). Caller holds a.mu.
+func (a *admission) fitsLocked(key string, enter bool) bool {
+	return (!enter || a.maxTotal <= 0 || a.total < a.maxTotal) && (a.maxPer <= 0 || a.byKey[key] < a.maxPer)
+}
+
+// takeLocked takes a place under key. Caller holds a.mu.
+func (a *admission) takeLocked(key string, enter bool) {
+	if enter {
+		a.total++
+		unregisteredGauge.Inc()
+	}
+	a.byKey[key]++
+}
+
+// acquire takes a place under key, waiting for one while ctx lasts and at
+// most a.wait. It reports false when there is none.
+func (a *admission) acquire(ctx context.Context, key string, enter bool) bool {
+	a.mu.Lock()
+	if a.fitsLocked(key, enter) {
+		a.takeLocked(key, enter)
+		a.mu.Unlock()
+		return true
+	}
+	if len(a.waiters) >= a.maxWaiting || a.wait <= 0 {
+		a.mu.Unlock()
+		return false
+	}
+	w := &waiter{key: key, enter: enter, ready: make(chan struct{})}
+	a.waiters = append(a.waiters, w)
+	a.mu.Unlock()
+	timer := time.NewTimer(a.wait)
+	defer timer.Stop()
+	select {
+	case <-w.ready:
+		return true
+	case <-timer.C:
+	case <-ctx.Done():
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.maxTotal > 0 && a.total >= a.maxTotal {
-		return nil, status.Newf(codes.ResourceExhausted, "too many tunnels waiting to register (%d): retry later", a.maxTotal), "unregistered_limit"
+	if w.granted { // just in time
+		return true
 	}
-	if a.maxPer > 0 && a.byKey[key] >= a.maxPer {
+	if i := slices.Index(a.waiters, w); i >= 0 {
+		a.waiters = slices.Delete(a.waiters, i, i+1)
+	}
+	return false
+}
+
+// grantLocked gives freed places to the waiters that fit, oldest first.
+// Caller holds a.mu.
+func (a *admission) grantLocked() {
+	for i := 0; i < len(a.waiters); {
+		w := a.waiters[i]
+		if !a.fitsLocked(w.key, w.enter) {
+			i++
+			continue
+		}
+		a.takeLocked(w.key, w.enter)
+		w.granted = true
+		close(w.ready)
+		a.waiters = slices.Delete(a.waiters, i, i+1)
+	}
+}
+
+// enter takes a place for a tunnel from p, or says why there is none.
+func (a *admission) enter(ctx context.Context, p *peer.Peer) (*ticket, *status.Status, string) {
+	key := peerKey(p)
+	if !a.acquire(ctx, key, true) {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		if a.maxTotal > 0 && a.total >= a.maxTotal {
+			return nil, status.Newf(codes.ResourceExhausted, "too many tunnels waiting to register (%d): retry later", a.maxTotal), "unregistered_limit"
+		}
 		return nil, status.Newf(codes.ResourceExhausted, "too many tunnels waiting to register from %s (%d): retry later", key, a.maxPer), "peer_limit"
 	}
-	a.total++
-	a.byKey[key]++
-	unregisteredGauge.Inc()
 	return &ticket{a: a, key: key}, nil, ""
 }
 
-// identify moves the ticket to the authenticated user's count.
-func (t *ticket) identify(user string) (*status.Status, string) {
+// identify moves the ticket to the authenticated user's count, waiting
+// for a place there as enter does.
+func (t *ticket) identify(ctx context.Context, user string) (*status.Status, string) {
 	if user == "" {
 		return nil, ""
 	}
 	key := "user " + user
 	a := t.a
+	// Give the peer's place back first: waiting for the user's while
+	// holding it could leave every place of a shared peer (a proxy, a
+	// unix socket) to tunnels that all wait for one busy user.
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.maxPer > 0 && a.byKey[key] >= a.maxPer {
+	a.dropLocked(t.key)
+	t.key = ""
+	a.grantLocked()
+	a.mu.Unlock()
+	if !a.acquire(ctx, key, false) {
 		return status.Newf(codes.ResourceExhausted, "too many tunnels of %q waiting to register (%d): retry later", quote(user), a.maxPer), "peer_limit"
 	}
-	a.dropLocked(t.key)
 	t.key = key
-	a.byKey[key]++
 	return nil, ""
 }
 
@@ -246,8 +353,11 @@ func (t *ticket) leave() {
 	}
 	t.done = true
 	a.total--
-	a.dropLocked(t.key)
 	unregisteredGauge.Dec()
+	if t.key != "" {
+		a.dropLocked(t.key)
+	}
+	a.grantLocked()
 }
 
 func (a *admission) dropLocked(key string) {

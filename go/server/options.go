@@ -170,8 +170,16 @@ func WithMaxConnections(total, perPeer int) Option {
 // WithMaxUnregisteredTunnels bounds the tunnels that are being
 // authenticated or have not registered yet: total in all, and perPeer from
 // one peer (its IP address until it is authenticated, then its user). A
-// tunnel over a limit ends at once with RESOURCE_EXHAUSTED, and the plugin
-// retries with backoff. Defaults 64 and 8; negative: no limit.
+// tunnel over a limit waits in line for a place, up to half the handshake
+// timeout (at most 5 s) and while fewer than 4 × total tunnels wait (256
+// with the defaults); beyond, it ends with RESOURCE_EXHAUSTED and the
+// plugin retries with backoff. Defaults 64 and 8; negative: no limit.
+//
+// Every client of a unix socket, and every tunnel a local proxy forwards
+// before it is authenticated, counts as one peer: an operator that many
+// plugins reach that way, or that thousands of plugins of one
+// ServiceAccount reach, needs a larger perPeer (and WithMaxConnections) to
+// take them back quickly after a restart.
 func WithMaxUnregisteredTunnels(total, perPeer int) Option {
 	return optionFunc(func(c *config) { c.limits.maxUnregistered, c.limits.maxUnregisteredPer = total, perPeer })
 }

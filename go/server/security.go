@@ -261,42 +261,73 @@ func (s *Server) revalidate(ctx context.Context, t *tunnel.Tunnel, id Identity, 
 		return func() {}
 	}
 	rctx, cancel := context.WithCancel(context.WithValue(ctx, revalidationKey{}, true))
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		timer := time.NewTimer(jittered(every))
-		defer timer.Stop()
-		for {
-			select {
-			case <-rctx.Done():
-				return
-			case <-t.Done():
-				return
-			case <-timer.C:
-			}
-			st := s.recheck(rctx, id, reg)
-			switch {
-			case st == nil:
-				timer.Reset(jittered(every))
-			case transient(st.Code()):
-				lg.V(1).Info("cannot revalidate tunnel, retrying", "code", st.Code(), "reason", st.Message())
-				timer.Reset(min(revalidationRetry, every))
-			default:
-				reason := "credentials no longer accepted: " + st.Message()
-				lg.Info("draining tunnel", "reason", reason)
-				cause.set(reason)
-				tunnelsDrained.WithLabelValues("revoked").Inc()
-				dctx, dcancel := context.WithTimeout(context.Background(), s.cfg.drainTimeout)
-				t.Drain(dctx, status.New(st.Code(), reason))
-				dcancel()
-				return
-			}
+	// Cost: a timer, not a goroutine per registered tunnel; the check runs
+	// in the timer's goroutine, and at most one runs at a time (the timer
+	// is armed again only once a check is done).
+	var (
+		mu      sync.Mutex
+		stopped bool
+		timer   *time.Timer
+		running chan struct{} // closed once the check in progress ends
+	)
+	check := func() {
+		mu.Lock()
+		if stopped {
+			mu.Unlock()
+			return
 		}
-	}()
+		ran := make(chan struct{})
+		running = ran
+		mu.Unlock()
+		defer close(ran)
+		next := s.revalidateOnce(rctx, t, id, reg, cause, lg, every)
+		mu.Lock()
+		defer mu.Unlock()
+		running = nil
+		if next > 0 && !stopped {
+			timer.Reset(next)
+		}
+	}
+	mu.Lock()
+	timer = time.AfterFunc(jittered(every), check)
+	mu.Unlock()
 	return func() {
 		cancel()
-		<-done
+		mu.Lock()
+		stopped = true
+		timer.Stop()
+		ran := running
+		mu.Unlock()
+		if ran != nil {
+			<-ran // a drain in progress
+		}
 	}
+}
+
+// revalidateOnce checks a registered tunnel once, drains it when refused,
+// and returns when to check again (0: never).
+func (s *Server) revalidateOnce(ctx context.Context, t *tunnel.Tunnel, id Identity, reg Registration, cause *drainCause, lg logr.Logger, every time.Duration) time.Duration {
+	select {
+	case <-t.Done():
+		return 0
+	default:
+	}
+	st := s.recheck(ctx, id, reg)
+	switch {
+	case st == nil:
+		return jittered(every)
+	case transient(st.Code()):
+		lg.V(1).Info("cannot revalidate tunnel, retrying", "code", st.Code(), "reason", st.Message())
+		return min(revalidationRetry, every)
+	}
+	reason := "credentials no longer accepted: " + st.Message()
+	lg.Info("draining tunnel", "reason", reason)
+	cause.set(reason)
+	tunnelsDrained.WithLabelValues("revoked").Inc()
+	dctx, dcancel := context.WithTimeout(context.Background(), s.cfg.drainTimeout)
+	defer dcancel()
+	t.Drain(dctx, status.New(st.Code(), reason))
+	return 0
 }
 
 // recheck is the authentication and the policy of a registered tunnel

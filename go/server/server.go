@@ -124,7 +124,7 @@ func New(addr string, opts ...Option) (*Server, error) {
 	if len(cfg.replicaID) > 253 || cfg.replicaCount < 0 {
 		return nil, fmt.Errorf("replica id %q longer than 253 bytes or negative count %d", quote(cfg.replicaID), cfg.replicaCount)
 	}
-	s := &Server{addr: addr, cfg: cfg, reg: cfg.registry, adm: newAdmission(cfg.limits),
+	s := &Server{addr: addr, cfg: cfg, reg: cfg.registry, adm: newAdmission(cfg.limits, cfg.handshakeTimeout),
 		tunnels: map[*tunnel.Tunnel]*drainCause{}, bound: make(chan struct{})}
 	discard := logr.Discard()
 	s.log.Store(&discard)
@@ -334,7 +334,7 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		lg.Info("tunnel refused", "peer", peerKey(p), "code", st.Code(), "reason", st.Message())
 		return st.Err()
 	}
-	tk, st, why := s.adm.enter(p)
+	tk, st, why := s.adm.enter(ctx, p)
 	if st != nil {
 		return refuse(why, st)
 	}
@@ -349,9 +349,14 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		lg.V(1).Info("tunnel refused", "peer", peerKey(p), "code", st.Code(), "reason", st.Message())
 		return st.Err()
 	}
-	if st, why := tk.identify(id.User); st != nil {
+	if st, why := tk.identify(ctx, id.User); st != nil {
 		return refuse(why, st)
 	}
+	// This goroutine, which gRPC started for the stream and which would
+	// otherwise only wait, reads the tunnel (streamend.go); the handshake
+	// runs in a goroutine of its own that ends once the plugin is
+	// registered.
+	end := streamEnder(ctx)
 	t := tunnel.New(tunnel.ServerTransport(stream), tunnel.Config{
 		Side:                 tunnel.OperatorSide,
 		Settings:             s.cfg.settings,
@@ -359,22 +364,46 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		MaxHeartbeatInterval: heartbeatCapFactor * s.cfg.settings.HeartbeatInterval,
 		Peer:                 p,
 		Logger:               lg,
+		ReadInCaller:         end != nil,
+		OnClose:              end,
 	})
 	cause := &drainCause{}
 	if !s.track(t, cause) {
 		t.Close(status.New(codes.Unavailable, "operator shutting down"))
+		if end != nil {
+			t.ReadLoop() // returns at once: the close ended the stream
+		}
 		t.Wait()
 		return status.Error(codes.Unavailable, "operator shutting down")
 	}
 	defer s.untrack(t)
+	if end == nil {
+		return s.serve(ctx, t, tk, id, p, cause, lg)()
+	}
+	var finish func() error
+	handshook := make(chan struct{})
+	go func() {
+		defer close(handshook)
+		finish = s.serve(ctx, t, tk, id, p, cause, lg)
+	}()
+	t.ReadLoop()
+	<-handshook
+	return finish()
+}
 
+// serve registers the tunnel t and returns what ends it: a function that
+// waits until the tunnel has closed, unregisters it, and returns the
+// handler's error.
+func (s *Server) serve(ctx context.Context, t *tunnel.Tunnel, tk *ticket, id Identity, p *peer.Peer, cause *drainCause, lg logr.Logger) (end func() error) {
 	hctx, cancel := context.WithTimeout(ctx, s.cfg.handshakeTimeout)
 	r, err := t.Registration(hctx)
 	cancel()
 	if err != nil {
 		tunnelsRefused.WithLabelValues("handshake").Inc()
-		t.Wait()
-		return err
+		return func() error {
+			t.Wait()
+			return err
+		}
 	}
 	reg := Registration{Name: r.GetName(), Version: r.GetVersion(), Services: r.GetServices(), Labels: r.GetLabels()}
 	err = validate(reg)
@@ -388,8 +417,10 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 		tunnelsRefused.WithLabelValues("registration").Inc()
 		lg.Info("registration refused", "peer", peerKey(p), "code", st.Code(), "reason", quote(st.Message()))
 		t.Reject(st)
-		t.Wait()
-		return st.Err()
+		return func() error {
+			t.Wait()
+			return st.Err()
+		}
 	}
 	inst := registry.Instance{
 		ID:          fmt.Sprintf("%s-%d", reg.Name, s.nextID.Add(1)),
@@ -407,14 +438,16 @@ func (s *Server) connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.C
 	lg.Info("plugin registered", "instance", inst.ID, "services", inst.Services)
 	stopLifetime := s.limitLifetime(t, id, cause, lg)            // security.go
 	stopRevalidation := s.revalidate(ctx, t, id, reg, cause, lg) // security.go
-	<-t.Done()
-	stopRevalidation()
-	stopLifetime()
-	remove()
-	t.Wait()
-	err = t.Err()
-	lg.Info("plugin unregistered", "instance", inst.ID, "reason", endReason(err, cause))
-	return err
+	return func() error {
+		<-t.Done()
+		stopRevalidation()
+		stopLifetime()
+		remove()
+		t.Wait()
+		err := t.Err()
+		lg.Info("plugin unregistered", "instance", inst.ID, "reason", endReason(err, cause))
+		return err
+	}
 }
 
 // endReason says in words why a registered tunnel ended.

@@ -63,7 +63,17 @@ type Config struct {
 	// MaxHeartbeatInterval caps the heartbeat interval the peer can ask
 	// for (spec 11); 0: no cap.
 	MaxHeartbeatInterval time.Duration
-	Logger               logr.Logger
+	// ReadInCaller: New starts no read loop; the caller runs ReadLoop. The
+	// operator runs it in the goroutine gRPC gave the Connect handler,
+	// which otherwise only waits (one goroutine less per tunnel). The
+	// caller must then make Recv return once the tunnel closes (OnClose),
+	// since on the operator's side the stream ends only when the handler
+	// returns, or when gRPC's stream is ended with its status.
+	ReadInCaller bool
+	// OnClose, when set, is called once the tunnel has closed, with why
+	// (Err's status; OK after a clean drain). It must not block.
+	OnClose func(*status.Status)
+	Logger  logr.Logger
 }
 
 // Replica is what an operator's Hello says of the operator process.
@@ -95,7 +105,6 @@ type Tunnel struct {
 	err       *status.Status // why the tunnel closed; set before done is closed
 	failure   *status.Status // set by fail before a flushing close
 	lastRecv  atomic.Int64   // unix nanoseconds of the last received batch
-	wg        sync.WaitGroup
 
 	helloC    chan struct{} // closed when the peer's Hello arrives
 	registerC chan struct{} // closed when Register (operator) or its answer (plugin) arrives
@@ -116,6 +125,7 @@ type Tunnel struct {
 	peerGoAway   bool   // the peer sent GoAway
 	slots        chan struct{}
 	idle         chan struct{} // closed and replaced whenever streams becomes empty
+	hb           *heartbeat    // set once the peer's Hello is in (heartbeat.go)
 }
 
 // New starts a tunnel over tr: it sends this side's Hello (and, on the plugin
@@ -152,13 +162,9 @@ func New(tr Transport, cfg Config) *Tunnel {
 		hello.GetHello().ReplicaCount = uint32(cfg.Replica.Count)
 	}
 	t.w.control(hello) // the plugin registers once the operator's Hello is in (spec 4.1)
-	t.wg.Add(2)
-	go func() {
-		defer t.wg.Done()
-		t.w.run()
-	}()
-	go t.heartbeat()
-	go t.readLoop() // not in wg: on the operator side Recv returns only after the handler does
+	if !cfg.ReadInCaller {
+		go t.readLoop() // not in wg: on the operator side Recv returns only after the handler does
+	}
 	return t
 }
 
@@ -183,17 +189,7 @@ func (t *Tunnel) Err() error {
 // stay blocked on a peer that does not read until the transport ends).
 func (t *Tunnel) Wait() {
 	<-t.done
-	stopped := make(chan struct{})
-	go func() {
-		t.wg.Wait()
-		close(stopped)
-	}()
-	timer := time.NewTimer(writerStopTimeout)
-	defer timer.Stop()
-	select {
-	case <-stopped:
-	case <-timer.C:
-	}
+	t.w.wait(writerStopTimeout)
 }
 
 // Version is the negotiated protocol version, 0 before the Hello exchange.
@@ -220,6 +216,7 @@ func (t *Tunnel) close(st *status.Status) {
 			streams = append(streams, s)
 		}
 		t.streams = map[uint64]*stream{}
+		t.stopHeartbeatLocked()
 		t.mu.Unlock()
 		callErr := status.New(codes.Unavailable, "plugin tunnel closed")
 		if st.Code() != codes.OK {
@@ -230,6 +227,9 @@ func (t *Tunnel) close(st *status.Status) {
 		}
 		close(t.done)
 		t.cancelCtx()
+		if t.cfg.OnClose != nil {
+			t.cfg.OnClose(st)
+		}
 		if st.Code() != codes.OK {
 			t.log.V(1).Info("tunnel closed", "code", st.Code(), "reason", st.Message())
 		}
@@ -394,6 +394,10 @@ func (t *Tunnel) recvLimit() int {
 	}
 	return 0
 }
+
+// ReadLoop reads and acts on the peer's frames until the transport ends,
+// then closes the tunnel. Only with Config.ReadInCaller, once.
+func (t *Tunnel) ReadLoop() { t.readLoop() }
 
 func (t *Tunnel) readLoop() {
 	for {
@@ -631,6 +635,9 @@ func (t *Tunnel) onHello(h *pb.Hello) *status.Status {
 	t.chunk = min(maxChunkSize, ps.MaxBatchSize-batchReserve-frameOverhead)
 	t.slots = make(chan struct{}, ps.MaxConcurrentStreams)
 	close(t.helloC)
+	if t.err == nil {
+		t.startHeartbeatLocked()
+	}
 	if t.cfg.Side == PluginSide {
 		if len(h.GetReplicaId()) > maxReplicaID {
 			return status.Newf(codes.InvalidArgument, "bad hello: replica id longer than %d bytes", maxReplicaID)

@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"sync"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -23,14 +24,16 @@ type writer struct {
 	tr Transport
 
 	mu       sync.Mutex
-	maxBatch int        // the peer's max_batch_size
-	ctrl     []outFrame // tunnel frames, window updates, cancels
-	pong     *pb.Frame  // at most one pending pong: a ping flood cannot grow the queue
-	ready    []*stream  // streams with queued frames, in turn order
-	flushing bool       // finish what is queued, then close the tunnel
-	paused   bool       // send nothing until resume (Tunnel.Accept)
-	wake     chan struct{}
-	stopped  chan struct{}
+	maxBatch int           // the peer's max_batch_size
+	ctrl     []outFrame    // tunnel frames, window updates, cancels
+	pong     *pb.Frame     // at most one pending pong: a ping flood cannot grow the queue
+	ready    []*stream     // streams with queued frames, in turn order
+	flushing bool          // finish what is queued, then close the tunnel
+	paused   bool          // send nothing until resume (Tunnel.Accept)
+	running  bool          // a write loop is running (there is at most one)
+	ended    bool          // the tunnel is closed or flushed: no write loop starts again
+	exited   chan struct{} // closed when the running write loop returns; made by wait
+	batch    []outFrame    // the write loop's batch, kept between runs
 }
 
 func newWriter(t *Tunnel, tr Transport) *writer {
@@ -38,15 +41,63 @@ func newWriter(t *Tunnel, tr Transport) *writer {
 		t:        t,
 		tr:       tr,
 		maxBatch: MinMaxBatchSize - batchReserve,
-		wake:     make(chan struct{}, 1),
-		stopped:  make(chan struct{}),
 	}
 }
 
+// signal makes sure a write loop runs to send what is queued.
+//
+// Cost: the write loop is a goroutine only while there is something to
+// send; it returns once the queues are empty, and the next frame starts
+// it again. An idle tunnel (thousands of them on one operator) then holds
+// no goroutine, nor its stack, for writing.
 func (w *writer) signal() {
+	w.mu.Lock()
+	start := !w.running && !w.ended
+	if start {
+		select {
+		case <-w.t.done:
+			w.ended = true
+			start = false
+		default:
+			w.running = true
+		}
+	}
+	w.mu.Unlock()
+	if start {
+		go w.run()
+	}
+}
+
+// wait stops write loops from starting again and waits until the running
+// one, if any, has returned or timeout has passed. Called once the tunnel
+// is closed.
+func (w *writer) wait(timeout time.Duration) {
+	w.mu.Lock()
+	w.ended = true
+	if !w.running {
+		w.mu.Unlock()
+		return
+	}
+	if w.exited == nil {
+		w.exited = make(chan struct{})
+	}
+	exited := w.exited
+	w.mu.Unlock()
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
 	select {
-	case w.wake <- struct{}{}:
-	default:
+	case <-exited:
+	case <-timer.C:
+	}
+}
+
+// exit marks the write loop stopped; end: for good.
+func (w *writer) exitLocked(end bool) {
+	w.running = false
+	w.ended = w.ended || end
+	if w.exited != nil {
+		close(w.exited)
+		w.exited = nil
 	}
 }
 
@@ -154,43 +205,58 @@ func (w *writer) flush() {
 	w.signal()
 }
 
+// run sends batches until the queues are empty (then it returns: signal
+// starts it again), the tunnel closes, or a flush is done.
 func (w *writer) run() {
-	defer close(w.stopped)
-	var batch []outFrame
+	batch := w.batch
 	for {
 		select {
-		case <-w.wake:
 		case <-w.t.done:
+			w.mu.Lock()
+			clear(batch)
+			w.batch = batch[:0]
+			w.exitLocked(true)
+			w.mu.Unlock()
+			return
+		default:
+		}
+		var flushed, empty bool
+		batch, flushed, empty = w.collect(batch[:0])
+		if empty {
+			// collect has marked the loop stopped under the lock that
+			// guards the queues: a frame queued from now on starts another.
 			return
 		}
-		for {
-			var flushed bool
-			batch, flushed = w.collect(batch[:0])
-			if len(batch) == 0 {
-				if flushed {
-					_ = w.tr.CloseSend()
-					w.t.closeFlushed()
-					return
-				}
-				break
-			}
-			err := w.tr.Send(batch) // the transport now owns the buffers
-			clear(batch)
-			if err != nil {
-				w.t.close(w.t.transportStatus(err))
-				return
-			}
+		if len(batch) == 0 && flushed {
+			_ = w.tr.CloseSend()
+			w.t.closeFlushed()
+			w.mu.Lock()
+			w.exitLocked(true)
+			w.mu.Unlock()
+			return
+		}
+		err := w.tr.Send(batch) // the transport now owns the buffers
+		clear(batch)
+		if err != nil {
+			w.t.close(w.t.transportStatus(err))
+			w.mu.Lock()
+			w.exitLocked(true)
+			w.mu.Unlock()
+			return
 		}
 	}
 }
 
 // collect fills batch up to the peer's batch limit and reports whether the
-// queues are empty while a flush was asked for.
-func (w *writer) collect(batch []outFrame) ([]outFrame, bool) {
+// queues are empty while a flush was asked for. When there is nothing to
+// send (empty), the write loop is marked stopped and must return.
+func (w *writer) collect(batch []outFrame) (_ []outFrame, flushed, empty bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.paused {
-		return batch, false
+		w.batch = batch[:0]
+		w.exitLocked(false)
+		return batch, false, true
 	}
 	size := 0
 	n := 0
@@ -235,6 +301,11 @@ func (w *writer) collect(batch []outFrame) ([]outFrame, bool) {
 			s.queued = false
 		}
 	}
-	empty := len(w.ctrl) == 0 && len(w.ready) == 0
-	return batch, empty && w.flushing
+	drained := len(w.ctrl) == 0 && len(w.ready) == 0
+	if len(batch) == 0 && !(drained && w.flushing) {
+		w.batch = batch[:0]
+		w.exitLocked(false)
+		return batch, false, true
+	}
+	return batch, drained && w.flushing, false
 }
