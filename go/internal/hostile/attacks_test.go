@@ -231,7 +231,9 @@ func TestUnregisteredFlood(t *testing.T) {
 	m := c.attack("25,000 unregistered tunnels", func() {
 		var wg sync.WaitGroup
 		opening := make(chan struct{}, 500) // streams being opened at once
-		actx, acancel := context.WithTimeout(ctx, 5*time.Second)
+		// Long enough for a tunnel over the limits to wait in line (5 s)
+		// and then be refused.
+		actx, acancel := context.WithTimeout(ctx, 8*time.Second)
 		defer acancel()
 		for i := range streams {
 			opening <- struct{}{}

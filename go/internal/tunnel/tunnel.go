@@ -105,6 +105,7 @@ type Tunnel struct {
 	err       *status.Status // why the tunnel closed; set before done is closed
 	failure   *status.Status // set by fail before a flushing close
 	lastRecv  atomic.Int64   // unix nanoseconds of the last received batch
+	readEnded atomic.Bool    // the transport's Recv has failed
 
 	helloC    chan struct{} // closed when the peer's Hello arrives
 	registerC chan struct{} // closed when Register (operator) or its answer (plugin) arrives
@@ -227,7 +228,10 @@ func (t *Tunnel) close(st *status.Status) {
 		}
 		close(t.done)
 		t.cancelCtx()
-		if t.cfg.OnClose != nil {
+		// OnClose ends the stream to unblock a read; when the read loop
+		// itself saw the stream end, the handler returns its own status
+		// (a RegisterReject's, say), which a write here would replace.
+		if t.cfg.OnClose != nil && !t.readEnded.Load() {
 			t.cfg.OnClose(st)
 		}
 		if st.Code() != codes.OK {
@@ -403,6 +407,7 @@ func (t *Tunnel) readLoop() {
 	for {
 		b, err := t.tr.Recv(t.recvLimit)
 		if err != nil {
+			t.readEnded.Store(true) // the stream has ended: OnClose need not end it
 			st := t.transportStatus(err)
 			t.mu.Lock()
 			if t.peerGoAway && errors.Is(err, io.EOF) {
@@ -716,6 +721,15 @@ func (t *Tunnel) Registration(ctx context.Context) (*pb.Register, error) {
 		defer t.mu.Unlock()
 		return t.registration, nil
 	case <-t.done:
+		select {
+		case <-t.registerC:
+			// A Register that came before the stream ended still gets its
+			// answer, as the handler's status (a RegisterReject's, say).
+			t.mu.Lock()
+			defer t.mu.Unlock()
+			return t.registration, nil
+		default:
+		}
 		return nil, t.closedErr()
 	case <-ctx.Done():
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
