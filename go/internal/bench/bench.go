@@ -20,6 +20,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -338,6 +339,8 @@ func unary(b *testing.B, p Path) {
 		}
 	}
 	lat := make([]time.Duration, 0, b.N)
+	b.ReportAllocs() // both ends of the call are in this process
+	w0 := writeSyscalls()
 	b.ResetTimer()
 	for range b.N {
 		start := time.Now()
@@ -347,6 +350,7 @@ func unary(b *testing.B, p Path) {
 		lat = append(lat, time.Since(start))
 	}
 	b.StopTimer()
+	reportWrites(b, w0)
 	slices.Sort(lat)
 	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "p50-ns")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds()), "p99-ns")
@@ -391,10 +395,12 @@ func serverStream(b *testing.B, p Path) {
 		b.Fatal(err)
 	}
 	b.SetBytes(StreamSize)
+	w0 := writeSyscalls()
 	b.ResetTimer()
 	if err := p.ServerStream(b.Context(), b.N, StreamSize); err != nil {
 		b.Fatal(err)
 	}
+	reportWrites(b, w0)
 }
 
 // clientStream reports the throughput of one stream of 1 MiB messages to
@@ -404,8 +410,38 @@ func clientStream(b *testing.B, p Path) {
 		b.Fatal(err)
 	}
 	b.SetBytes(StreamSize)
+	w0 := writeSyscalls()
 	b.ResetTimer()
 	if err := p.ClientStream(b.Context(), b.N, StreamSize); err != nil {
 		b.Fatal(err)
+	}
+	reportWrites(b, w0)
+}
+
+// writeSyscalls is the number of write system calls the process has made
+// (Linux's /proc/self/io), or -1. Both ends of every path are in this
+// process (a proxy is not), so its growth per call tells how many writes
+// a call costs: each one a separate TLS record, HTTP/2 DATA frame, and
+// read and write in a proxy on the way.
+func writeSyscalls() int64 {
+	data, err := os.ReadFile("/proc/self/io")
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "syscw: "); ok {
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err == nil {
+				return n
+			}
+		}
+	}
+	return -1
+}
+
+// reportWrites reports the write system calls per operation since w0.
+func reportWrites(b *testing.B, w0 int64) {
+	if w1 := writeSyscalls(); w0 >= 0 && w1 >= 0 {
+		b.ReportMetric(float64(w1-w0)/float64(b.N), "writes/op")
 	}
 }
