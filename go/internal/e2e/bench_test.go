@@ -112,4 +112,3 @@ func benchPlugin(b *testing.B, ep *endpoint, token string) testgrpc.TestServiceC
 	}
 	return testgrpc.NewTestServiceClient(conn)
 }
-
