@@ -61,6 +61,15 @@ var rows = []row{
 	{"proxy unary 16-way", "calls/s", "proxy/Unary64BConcurrent16/tunnel", "proxy/Unary64BConcurrent16/bare", false, 0, "control: 16 bare streams"},
 	{"proxy server stream 1 MiB", "MB/s", "proxy/ServerStream1MiB/tunnel", "proxy/ServerStream1MiB/bare", false, 0.8, "tunnel at least 0.8x of a bare stream through the proxy"},
 	{"proxy client stream 1 MiB", "MB/s", "proxy/ClientStream1MiB/tunnel", "proxy/ClientStream1MiB/bare", false, 0.8, "tunnel at least 0.8x of a bare stream through the proxy"},
+	// A tunnel turns HTTP around: the plugin is the HTTP client, so a
+	// server stream's data goes up the Connect request's body, as a bare
+	// client stream's does, and a client stream's comes down in the response.
+	{"proxy tunnel server vs bare client", "MB/s", "proxy/ServerStream1MiB/tunnel", "proxy/ClientStream1MiB/bare", false, 0, "the same HTTP direction: plugin to operator, upload"},
+	{"proxy tunnel client vs bare server", "MB/s", "proxy/ClientStream1MiB/tunnel", "proxy/ServerStream1MiB/bare", false, 0, "the same HTTP direction: download"},
+	// Writes per call in the benchmark's process (both ends; not the proxy's).
+	{"proxy unary writes per call", "writes/op", "proxy/Unary64B/tunnel", "proxy/Unary64B/bare", true, 0, ""},
+	{"proxy server stream writes/MiB", "writes/op", "proxy/ServerStream1MiB/tunnel", "proxy/ServerStream1MiB/bare", true, 0, ""},
+	{"proxy client stream writes/MiB", "writes/op", "proxy/ClientStream1MiB/tunnel", "proxy/ClientStream1MiB/bare", true, 0, ""},
 }
 
 func main() {
