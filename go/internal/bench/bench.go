@@ -259,6 +259,9 @@ func recvN[T any](s interface{ Recv() (*T, error) }, n int) error {
 type NamedPath struct {
 	Name string
 	Path Path
+	// ProxyPID, when set, is a process on the path (a proxy) whose write
+	// system calls are reported too, as proxy-writes/op.
+	ProxyPID int
 }
 
 // Mode is one deployment: its name and the paths measured in it.
@@ -277,7 +280,7 @@ func Round() int {
 
 var benchmarks = []struct {
 	name string
-	fn   func(*testing.B, Path)
+	fn   func(*testing.B, NamedPath)
 }{
 	{"Unary64B", unary},
 	{"Unary64BConcurrent16", concurrent},
@@ -298,7 +301,7 @@ func Run(b *testing.B, m Mode) {
 		k := (Round() + i) % len(paths)
 		paths = append(paths[k:], paths[:k]...)
 		for _, p := range paths {
-			b.Run(m.Name+"/"+bm.name+"/"+p.Name, func(b *testing.B) { bm.fn(b, p.Path) })
+			b.Run(m.Name+"/"+bm.name+"/"+p.Name, func(b *testing.B) { bm.fn(b, p) })
 		}
 	}
 }
@@ -326,7 +329,8 @@ func Warm(ctx context.Context, p Path) error {
 
 // unary reports the median and the 99th percentile latency of sequential
 // 64-byte round trips.
-func unary(b *testing.B, p Path) {
+func unary(b *testing.B, np NamedPath) {
+	p := np.Path
 	ctx, cancel := context.WithCancel(b.Context())
 	defer cancel()
 	call, err := p.Caller(ctx)
@@ -340,7 +344,7 @@ func unary(b *testing.B, p Path) {
 	}
 	lat := make([]time.Duration, 0, b.N)
 	b.ReportAllocs() // both ends of the call are in this process
-	w0 := writeSyscalls()
+	w0 := countWrites(np)
 	b.ResetTimer()
 	for range b.N {
 		start := time.Now()
@@ -350,7 +354,7 @@ func unary(b *testing.B, p Path) {
 		lat = append(lat, time.Since(start))
 	}
 	b.StopTimer()
-	reportWrites(b, w0)
+	reportWrites(b, np, w0)
 	slices.Sort(lat)
 	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "p50-ns")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds()), "p99-ns")
@@ -358,7 +362,8 @@ func unary(b *testing.B, p Path) {
 
 // concurrent reports the throughput of 16 callers making 64-byte round
 // trips at once.
-func concurrent(b *testing.B, p Path) {
+func concurrent(b *testing.B, np NamedPath) {
+	p := np.Path
 	ctx, cancel := context.WithCancel(b.Context())
 	defer cancel()
 	calls := make([]func() error, Callers)
@@ -390,32 +395,34 @@ func concurrent(b *testing.B, p Path) {
 
 // serverStream reports the throughput of one stream of 1 MiB messages
 // from the service.
-func serverStream(b *testing.B, p Path) {
+func serverStream(b *testing.B, np NamedPath) {
+	p := np.Path
 	if err := p.ServerStream(b.Context(), 2, StreamSize); err != nil {
 		b.Fatal(err)
 	}
 	b.SetBytes(StreamSize)
-	w0 := writeSyscalls()
+	w0 := countWrites(np)
 	b.ResetTimer()
 	if err := p.ServerStream(b.Context(), b.N, StreamSize); err != nil {
 		b.Fatal(err)
 	}
-	reportWrites(b, w0)
+	reportWrites(b, np, w0)
 }
 
 // clientStream reports the throughput of one stream of 1 MiB messages to
 // the service.
-func clientStream(b *testing.B, p Path) {
+func clientStream(b *testing.B, np NamedPath) {
+	p := np.Path
 	if err := p.ClientStream(b.Context(), 2, StreamSize); err != nil {
 		b.Fatal(err)
 	}
 	b.SetBytes(StreamSize)
-	w0 := writeSyscalls()
+	w0 := countWrites(np)
 	b.ResetTimer()
 	if err := p.ClientStream(b.Context(), b.N, StreamSize); err != nil {
 		b.Fatal(err)
 	}
-	reportWrites(b, w0)
+	reportWrites(b, np, w0)
 }
 
 // writeSyscalls is the number of write system calls the process has made
@@ -423,8 +430,11 @@ func clientStream(b *testing.B, p Path) {
 // process (a proxy is not), so its growth per call tells how many writes
 // a call costs: each one a separate TLS record, HTTP/2 DATA frame, and
 // read and write in a proxy on the way.
-func writeSyscalls() int64 {
-	data, err := os.ReadFile("/proc/self/io")
+func writeSyscalls() int64 { return procWrites("self") }
+
+// procWrites is writeSyscalls for process pid ("self": this one).
+func procWrites(pid string) int64 {
+	data, err := os.ReadFile("/proc/" + pid + "/io")
 	if err != nil {
 		return -1
 	}
@@ -439,9 +449,25 @@ func writeSyscalls() int64 {
 	return -1
 }
 
+// writes counts the write system calls of this process and of the path's
+// proxy, if any.
+type writes struct{ self, proxy int64 }
+
+func countWrites(np NamedPath) writes {
+	w := writes{self: writeSyscalls(), proxy: -1}
+	if np.ProxyPID != 0 {
+		w.proxy = procWrites(strconv.Itoa(np.ProxyPID))
+	}
+	return w
+}
+
 // reportWrites reports the write system calls per operation since w0.
-func reportWrites(b *testing.B, w0 int64) {
-	if w1 := writeSyscalls(); w0 >= 0 && w1 >= 0 {
-		b.ReportMetric(float64(w1-w0)/float64(b.N), "writes/op")
+func reportWrites(b *testing.B, np NamedPath, w0 writes) {
+	w1 := countWrites(np)
+	if w0.self >= 0 && w1.self >= 0 {
+		b.ReportMetric(float64(w1.self-w0.self)/float64(b.N), "writes/op")
+	}
+	if w0.proxy >= 0 && w1.proxy >= 0 {
+		b.ReportMetric(float64(w1.proxy-w0.proxy)/float64(b.N), "proxy-writes/op")
 	}
 }

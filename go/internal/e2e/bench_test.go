@@ -48,10 +48,10 @@ func BenchmarkDeployments(b *testing.B) {
 	}})
 
 	behind := startBehindProxy(b, c)
-	listen, caFile := c.proxyFor(b, bareServer(b), proxyUID(b))
+	listen, caFile, pid := c.proxyFor(b, bareServer(b), proxyUID(b))
 	bench.Run(b, bench.Mode{Name: "proxy", Paths: []bench.NamedPath{
-		{Name: "bare", Path: bench.Bare{CC: dialBench(b, listen, caFile, token)}},
-		{Name: "tunnel", Path: bench.Calls{C: benchPlugin(b, behind, token)}},
+		{Name: "bare", Path: bench.Bare{CC: dialBench(b, listen, caFile, token)}, ProxyPID: pid},
+		{Name: "tunnel", Path: bench.Calls{C: benchPlugin(b, behind, token)}, ProxyPID: behind.proxyPID},
 	}})
 }
 

@@ -92,7 +92,8 @@ func readableDir(t testing.TB) string {
 
 // startProxy runs kube-rbac-proxy with args, as uid unless it is
 // server.AnyUID, until the test ends, and waits until it listens on addr.
-func startProxy(t testing.TB, bin, addr string, uid int, args []string) {
+// It returns the proxy's process id.
+func startProxy(t testing.TB, bin, addr string, uid int, args []string) int {
 	t.Helper()
 	logs := &syncBuffer{}
 	cmd := exec.Command(bin, args...)
@@ -136,6 +137,7 @@ func startProxy(t testing.TB, bin, addr string, uid int, args []string) {
 		}
 	}
 	t.Logf("kube-rbac-proxy listening in %s", time.Since(start).Round(time.Millisecond))
+	return cmd.Process.Pid
 }
 
 func freeAddr(t testing.TB) string {

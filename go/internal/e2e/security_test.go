@@ -65,6 +65,7 @@ type endpoint struct {
 	caFile     string
 	serverName string
 	logs       *syncBuffer // the server's log
+	proxyPID   int         // behind the proxy: the proxy's process
 }
 
 // pki is a CA and a serving certificate for serverName and 127.0.0.1, in
@@ -173,15 +174,15 @@ func startBehindProxy(t testing.TB, c *cluster, extra ...server.Option) *endpoin
 		t.Fatal(err)
 	}
 	srv, upstream, logs := runServer(t, "127.0.0.1:0", append(opts, extra...)...)
-	listen, caFile := c.proxyFor(t, upstream, uid)
-	return &endpoint{srv: srv, target: listen, upstream: upstream, caFile: caFile, serverName: serverName, logs: logs}
+	listen, caFile, pid := c.proxyFor(t, upstream, uid)
+	return &endpoint{srv: srv, target: listen, upstream: upstream, caFile: caFile, serverName: serverName, logs: logs, proxyPID: pid}
 }
 
 // proxyFor starts kube-rbac-proxy, with config/kube-rbac-proxy's
 // arguments and a certificate of its own, in front of the h2c server at
-// upstream, as uid, until the test ends. It returns the proxy's address
-// and the file of the CA its certificate comes from.
-func (c *cluster) proxyFor(t testing.TB, upstream string, uid int) (listen, caFile string) {
+// upstream, as uid, until the test ends. It returns the proxy's address,
+// the file of the CA its certificate comes from and its process id.
+func (c *cluster) proxyFor(t testing.TB, upstream string, uid int) (listen, caFile string, pid int) {
 	t.Helper()
 	dir := readableDir(t)
 	p := newPKIIn(t, dir, "proxy-ca")
@@ -191,8 +192,8 @@ func (c *cluster) proxyFor(t testing.TB, upstream string, uid int) (listen, caFi
 		}
 	}
 	listen = freeAddr(t)
-	startProxy(t, c.rbacProxy, listen, uid, proxyArgs(t, listen, "http://"+upstream+"/", p.certFile, p.keyFile, c.kubeconfigIn(t, dir)))
-	return listen, p.caFile
+	pid = startProxy(t, c.rbacProxy, listen, uid, proxyArgs(t, listen, "http://"+upstream+"/", p.certFile, p.keyFile, c.kubeconfigIn(t, dir)))
+	return listen, p.caFile, pid
 }
 
 var fastBackoff = backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.5, Jitter: 0.1, MaxDelay: time.Second}

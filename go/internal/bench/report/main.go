@@ -70,6 +70,9 @@ var rows = []row{
 	{"proxy unary writes per call", "writes/op", "proxy/Unary64B/tunnel", "proxy/Unary64B/bare", true, 0, ""},
 	{"proxy server stream writes/MiB", "writes/op", "proxy/ServerStream1MiB/tunnel", "proxy/ServerStream1MiB/bare", true, 0, ""},
 	{"proxy client stream writes/MiB", "writes/op", "proxy/ClientStream1MiB/tunnel", "proxy/ClientStream1MiB/bare", true, 0, ""},
+	{"proxy unary proxy's writes/call", "proxy-writes/op", "proxy/Unary64B/tunnel", "proxy/Unary64B/bare", true, 0, "writes kube-rbac-proxy makes"},
+	{"proxy server stream proxy's w/MiB", "proxy-writes/op", "proxy/ServerStream1MiB/tunnel", "proxy/ServerStream1MiB/bare", true, 0, ""},
+	{"proxy client stream proxy's w/MiB", "proxy-writes/op", "proxy/ClientStream1MiB/tunnel", "proxy/ClientStream1MiB/bare", true, 0, ""},
 }
 
 func main() {
