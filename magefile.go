@@ -239,7 +239,7 @@ func Bench(ctx context.Context) error {
 			env:  []string{"KUBEBUILDER_ASSETS=" + k8sAssetsDir(), "KUBE_RBAC_PROXY=" + k8sRBACProxyPath()},
 		})
 	}
-	fmt.Printf("bench: %d rounds (about 4 minutes), raw results in %s\n", rounds, out)
+	fmt.Printf("bench: %d rounds (about 5 minutes), raw results in %s\n", rounds, out)
 	start := time.Now()
 	for round := range rounds {
 		for i := range pkgs {
