@@ -449,16 +449,46 @@ func procWrites(pid string) int64 {
 	return -1
 }
 
-// writes counts the write system calls of this process and of the path's
-// proxy, if any.
-type writes struct{ self, proxy int64 }
+// writes counts the write system calls and the CPU time of this process
+// and of the path's proxy, if any. CPU time per call is what a loaded
+// machine disturbs least: where wall-clock ratios jump from run to run, it
+// tells which side does more work.
+type writes struct {
+	self, proxy       int64
+	selfCPU, proxyCPU time.Duration
+}
 
 func countWrites(np NamedPath) writes {
-	w := writes{self: writeSyscalls(), proxy: -1}
+	w := writes{self: writeSyscalls(), proxy: -1, selfCPU: procCPU("self"), proxyCPU: -1}
 	if np.ProxyPID != 0 {
-		w.proxy = procWrites(strconv.Itoa(np.ProxyPID))
+		pid := strconv.Itoa(np.ProxyPID)
+		w.proxy, w.proxyCPU = procWrites(pid), procCPU(pid)
 	}
 	return w
+}
+
+// procCPU is the user and system CPU time process pid has used
+// (/proc/PID/stat, in clock ticks of 10 ms), or -1.
+func procCPU(pid string) time.Duration {
+	data, err := os.ReadFile("/proc/" + pid + "/stat")
+	if err != nil {
+		return -1
+	}
+	// The command name, in parentheses, may hold spaces: count from after it.
+	i := strings.LastIndexByte(string(data), ')')
+	if i < 0 {
+		return -1
+	}
+	f := strings.Fields(string(data[i+1:]))
+	if len(f) < 13 {
+		return -1
+	}
+	utime, err1 := strconv.ParseInt(f[11], 10, 64)
+	stime, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return -1
+	}
+	return time.Duration(utime+stime) * 10 * time.Millisecond
 }
 
 // reportWrites reports the write system calls per operation since w0.
@@ -469,5 +499,11 @@ func reportWrites(b *testing.B, np NamedPath, w0 writes) {
 	}
 	if w0.proxy >= 0 && w1.proxy >= 0 {
 		b.ReportMetric(float64(w1.proxy-w0.proxy)/float64(b.N), "proxy-writes/op")
+	}
+	if w0.selfCPU >= 0 && w1.selfCPU >= 0 {
+		b.ReportMetric(float64((w1.selfCPU-w0.selfCPU).Nanoseconds())/float64(b.N), "cpu-ns/op")
+	}
+	if w0.proxyCPU >= 0 && w1.proxyCPU >= 0 {
+		b.ReportMetric(float64((w1.proxyCPU-w0.proxyCPU).Nanoseconds())/float64(b.N), "proxy-cpu-ns/op")
 	}
 }

@@ -73,6 +73,22 @@ var rows = []row{
 	{"proxy unary proxy's writes/call", "proxy-writes/op", "proxy/Unary64B/tunnel", "proxy/Unary64B/bare", true, 0, "writes kube-rbac-proxy makes"},
 	{"proxy server stream proxy's w/MiB", "proxy-writes/op", "proxy/ServerStream1MiB/tunnel", "proxy/ServerStream1MiB/bare", true, 0, ""},
 	{"proxy client stream proxy's w/MiB", "proxy-writes/op", "proxy/ClientStream1MiB/tunnel", "proxy/ClientStream1MiB/bare", true, 0, ""},
+
+	// CPU time per call or per MiB (µs), both ends together; the proxy's
+	// apart. Less disturbed by the machine's load than wall-clock time.
+	{"plain unary CPU/call", "cpu-ns/op", "plain/Unary64B/tunnel", "plain/Unary64B/direct", true, 0, ""},
+	{"plain unary CPU/call vs bare", "cpu-ns/op", "plain/Unary64B/tunnel", "plain/Unary64B/bare", true, 0, ""},
+	{"plain server stream CPU/MiB", "cpu-ns/op", "plain/ServerStream1MiB/tunnel", "plain/ServerStream1MiB/bare", true, 0, ""},
+	{"plain client stream CPU/MiB", "cpu-ns/op", "plain/ClientStream1MiB/tunnel", "plain/ClientStream1MiB/bare", true, 0, ""},
+	{"tls unary CPU/call", "cpu-ns/op", "tls/Unary64B/tunnel", "tls/Unary64B/bare", true, 0, ""},
+	{"tls server stream CPU/MiB", "cpu-ns/op", "tls/ServerStream1MiB/tunnel", "tls/ServerStream1MiB/bare", true, 0, ""},
+	{"tls client stream CPU/MiB", "cpu-ns/op", "tls/ClientStream1MiB/tunnel", "tls/ClientStream1MiB/bare", true, 0, ""},
+	{"proxy unary CPU/call", "cpu-ns/op", "proxy/Unary64B/tunnel", "proxy/Unary64B/bare", true, 0, "the benchmark's process"},
+	{"proxy unary proxy's CPU/call", "proxy-cpu-ns/op", "proxy/Unary64B/tunnel", "proxy/Unary64B/bare", true, 0, "kube-rbac-proxy's"},
+	{"proxy server stream CPU/MiB", "cpu-ns/op", "proxy/ServerStream1MiB/tunnel", "proxy/ServerStream1MiB/bare", true, 0, ""},
+	{"proxy server stream proxy CPU", "proxy-cpu-ns/op", "proxy/ServerStream1MiB/tunnel", "proxy/ServerStream1MiB/bare", true, 0, ""},
+	{"proxy client stream CPU/MiB", "cpu-ns/op", "proxy/ClientStream1MiB/tunnel", "proxy/ClientStream1MiB/bare", true, 0, ""},
+	{"proxy client stream proxy CPU", "proxy-cpu-ns/op", "proxy/ClientStream1MiB/tunnel", "proxy/ClientStream1MiB/bare", true, 0, ""},
 }
 
 func main() {
@@ -158,16 +174,16 @@ func target(r row) string {
 	}
 }
 
-// num shows latencies in µs, the rest as measured.
+// num shows latencies and CPU times in µs, the rest as measured.
 func num(v float64, metric string) string {
-	if strings.HasSuffix(metric, "-ns") {
+	if strings.HasSuffix(metric, "-ns") || strings.HasSuffix(metric, "-ns/op") {
 		return fmt.Sprintf("%.1f", v/1e3)
 	}
 	return fmt.Sprintf("%.1f", v)
 }
 
 func unit(metric string) string {
-	if strings.HasSuffix(metric, "-ns") {
+	if strings.HasSuffix(metric, "-ns") || strings.HasSuffix(metric, "-ns/op") {
 		return "µs"
 	}
 	return metric
