@@ -5,13 +5,16 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"time"
 
 	"github.com/magefile/mage/mg"
 	"github.com/magefile/mage/sh"
@@ -205,29 +208,100 @@ func Scale() error {
 		"-run", "^(TestIdleTunnelCost|TestRestartReconnect)$", "./internal/scale/")
 }
 
-// Bench compares calls through the tunnel with direct gRPC calls on this
-// machine, in the same run, and prints the ratios. The rounds alternate
-// direct and tunnelled runs of each benchmark, so that drift in the
-// machine's load hits both alike.
-func Bench() error {
-	const rounds = 6
+// Bench compares calls through the tunnel with a control over the same
+// path, on this machine, in the same run, and prints the ratios and the
+// targets (go/internal/bench/report). Three deployments: plaintext on a
+// unix socket (go/internal/bench), and, against a real kube-apiserver,
+// built-in TLS + ServiceAccount token on loopback TCP and the server behind
+// the real kube-rbac-proxy (go/internal/e2e BenchmarkDeployments). It
+// builds the Kubernetes binaries first, as `e2e` does (K8s.Binaries:
+// minutes the first time, nothing afterwards); if they cannot be built,
+// the two Kubernetes modes are reported as not run.
+//
+// Each round runs every benchmark once per path, after a warm-up; the
+// rounds rotate the order of the paths and of the packages, so that drift
+// in the machine's load hits tunnel and control alike. The report takes
+// medians over the rounds.
+func Bench(ctx context.Context) error {
+	const (
+		rounds    = 5
+		benchtime = "1s"
+	)
 	out := filepath.Join(os.TempDir(), "opf-bench.txt")
 	f, err := os.Create(out)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	fmt.Printf("running %d rounds of benchmarks (about 2 minutes), raw results in %s\n", rounds, out)
-	for range rounds {
-		cmd := exec.Command("go", "test", "-run=^$", "-bench=.", "-benchtime=1s", "-count=1", "./internal/bench/")
-		cmd.Dir = "go"
-		cmd.Stdout = f
-		cmd.Stderr = os.Stderr
-		if err := cmd.Run(); err != nil {
-			return err
+
+	fmt.Println("bench: building the Kubernetes binaries (etcd, kube-apiserver, kube-rbac-proxy) as `e2e` does, unless up to date")
+	var skipped string
+	if err := (K8s{}).Binaries(ctx); err != nil {
+		skipped = "tls,proxy=the Kubernetes binaries could not be built: " + err.Error()
+		fmt.Printf("bench: %v\nbench: only the plaintext mode runs\n", err)
+	}
+	type pkg struct {
+		name string
+		dir  string // of the Go module; go/ when empty
+		args []string
+		env  []string
+		// last, when set, gives the arguments after -args for a round.
+		last func(round int) []string
+	}
+	pkgs := []pkg{{name: "plaintext", args: []string{"-bench=^BenchmarkPlaintext$", "./internal/bench/"}}}
+	if skipped == "" {
+		pkgs = append(pkgs, pkg{
+			name: "tls and kube-rbac-proxy",
+			args: []string{"-bench=^BenchmarkDeployments$", "-timeout=10m", "./internal/e2e/"},
+			env:  []string{"KUBEBUILDER_ASSETS=" + k8sAssetsDir(), "KUBE_RBAC_PROXY=" + k8sRBACProxyPath()},
+		})
+	}
+	// The other SDKs' plugins against their own language's gRPC server
+	// (conformance/sdkbench), built first (magefile_conformance.go).
+	sdks, err := pluginCommands("-sdk", func(name string) bool { return name != "go" })
+	if err != nil {
+		return err
+	}
+	for _, sdk := range []string{"python", "rust"} {
+		if !slices.ContainsFunc(sdks, func(a string) bool { return strings.HasPrefix(a, sdk+"=") }) {
+			skipped += ";" + sdk + "=sdk/" + sdk + " is not in the tree"
 		}
 	}
-	report := exec.Command("go", "run", "./internal/bench/report", out)
+	if len(sdks) > 0 {
+		pkgs = append(pkgs, pkg{
+			name: "python and rust plugins",
+			dir:  "conformance",
+			args: []string{"-bench=^BenchmarkSDK", "./sdkbench/"},
+			last: func(round int) []string {
+				if round%2 == 1 {
+					return append([]string{"-tunnel-first"}, sdks...)
+				}
+				return sdks
+			},
+		})
+	}
+	fmt.Printf("bench: %d rounds (about 5 minutes), raw results in %s\n", rounds, out)
+	start := time.Now()
+	for round := range rounds {
+		for i := range pkgs {
+			p := pkgs[(round+i)%len(pkgs)]
+			fmt.Printf("bench: round %d/%d: %s\n", round+1, rounds, p.name)
+			args := append([]string{"test", "-run=^$", "-benchtime=" + benchtime, "-count=1"}, p.args...)
+			if p.last != nil {
+				args = append(append(args, "-args"), p.last(round)...)
+			}
+			cmd := exec.CommandContext(ctx, mg.GoCmd(), args...)
+			cmd.Dir = cmp.Or(p.dir, "go")
+			cmd.Env = append(append(os.Environ(), fmt.Sprintf("OPF_BENCH_ROUND=%d", round)), p.env...)
+			cmd.Stdout = f
+			cmd.Stderr = os.Stderr
+			if err := cmd.Run(); err != nil {
+				return fmt.Errorf("bench: %s: %w (output in %s)", p.name, err, out)
+			}
+		}
+	}
+	fmt.Printf("bench: %s\n", time.Since(start).Round(time.Second))
+	report := exec.Command(mg.GoCmd(), "run", "./internal/bench/report", "-skipped="+skipped, out)
 	report.Dir = "go"
 	report.Stdout = os.Stdout
 	report.Stderr = os.Stderr

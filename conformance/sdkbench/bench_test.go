@@ -4,7 +4,7 @@
 // program: with OPF_CONFORMANCE_DIRECT_LISTEN it serves directly
 // (docs/conformance.md). `go run mage.go bench` passes the commands:
 //
-//	go test -bench . ./sdkbench -args -sdk 'python=/venv/bin/python sdk/python/conformance_plugin.py'
+//	go test -run ^$ -bench . ./sdkbench -args -sdk 'python=/venv/bin/python sdk/python/conformance_plugin.py'
 //
 // Each SDK's plugin is started once per mode for the whole run, and warmed
 // before each benchmark.
@@ -17,6 +17,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,11 +71,14 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// each runs bench for every SDK of -sdk, through the tunnel and directly.
-func each(b *testing.B, bench func(*testing.B, confv1.ConformanceServiceClient)) {
+// each runs, for every SDK of -sdk, each benchmark through the tunnel and
+// directly: BenchmarkSDK/<sdk>/<benchmark>/<path>, the names that
+// go/internal/bench/report reads.
+func each(b *testing.B, benches map[string]func(*testing.B, confv1.ConformanceServiceClient)) {
 	if len(sdkFlag) == 0 {
 		b.Skip("no -sdk NAME=COMMAND given")
 	}
+	names := slices.Sorted(maps.Keys(benches))
 	for _, s := range sdkFlag {
 		name, command, ok := strings.Cut(s, "=")
 		if !ok {
@@ -88,15 +92,23 @@ func each(b *testing.B, bench func(*testing.B, confv1.ConformanceServiceClient))
 		if *tunnelFirst {
 			slices.Reverse(modes)
 		}
-		for _, mode := range modes {
-			b.Run(name+"/"+mode, func(b *testing.B) {
-				c, err := dial(name, mode, argv)
-				if err != nil {
-					b.Fatal(err)
-				}
-				bench(b, c)
-			})
-		}
+		b.Run(name, func(b *testing.B) {
+			for _, bench := range names {
+				b.Run(bench, func(b *testing.B) {
+					for _, mode := range modes {
+						b.Run(mode, func(b *testing.B) {
+							c, err := dial(name, mode, argv)
+							if err != nil {
+								b.Fatal(err)
+							}
+							warm(b, c)
+							b.ResetTimer()
+							benches[bench](b, c)
+						})
+					}
+				})
+			}
+		})
 	}
 }
 
@@ -239,51 +251,49 @@ func warm(b *testing.B, c confv1.ConformanceServiceClient) {
 	}
 }
 
-// BenchmarkSDKUnary64B reports the p50 latency and the rate of sequential
-// 64-byte calls (the payload is echoed).
-func BenchmarkSDKUnary64B(b *testing.B) {
-	each(b, func(b *testing.B, c confv1.ConformanceServiceClient) {
-		warm(b, c)
-		req := &confv1.UnaryRequest{Payload: make([]byte, 64)}
-		lat := make([]time.Duration, 0, b.N)
-		b.ResetTimer()
-		begin := time.Now()
-		for range b.N {
-			start := time.Now()
-			if _, err := c.Unary(context.Background(), req); err != nil {
-				b.Fatal(err)
-			}
-			lat = append(lat, time.Since(start))
-		}
-		b.StopTimer()
-		b.ReportMetric(float64(b.N)/time.Since(begin).Seconds(), "calls/s")
-		slices.Sort(lat)
-		b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "p50-ns")
+// BenchmarkSDK: sequential 64-byte calls (the payload is echoed), their
+// rate and p50 latency; and a server stream of 1 MiB messages, which the
+// plugin generates (the same work both ways).
+func BenchmarkSDK(b *testing.B) {
+	each(b, map[string]func(*testing.B, confv1.ConformanceServiceClient){
+		"Unary64B":         unary64B,
+		"ServerStream1MiB": serverStream1MiB,
 	})
 }
 
-// BenchmarkSDKStream1MiB reports the throughput of a server stream of
-// 1 MiB messages, which the plugin generates (the same work both ways).
-func BenchmarkSDKStream1MiB(b *testing.B) {
+func unary64B(b *testing.B, c confv1.ConformanceServiceClient) {
+	req := &confv1.UnaryRequest{Payload: make([]byte, 64)}
+	lat := make([]time.Duration, 0, b.N)
+	begin := time.Now()
+	for range b.N {
+		start := time.Now()
+		if _, err := c.Unary(context.Background(), req); err != nil {
+			b.Fatal(err)
+		}
+		lat = append(lat, time.Since(start))
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/time.Since(begin).Seconds(), "calls/s")
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "p50-ns")
+}
+
+func serverStream1MiB(b *testing.B, c confv1.ConformanceServiceClient) {
 	const size = 1 << 20
-	each(b, func(b *testing.B, c confv1.ConformanceServiceClient) {
-		warm(b, c)
-		b.SetBytes(size)
-		b.ResetTimer()
-		stream, err := c.ServerStream(context.Background(), &confv1.ServerStreamRequest{
-			Action: &confv1.Action{ResponseSize: size, ResponseCount: uint32(b.N)},
-		})
+	b.SetBytes(size)
+	stream, err := c.ServerStream(context.Background(), &confv1.ServerStreamRequest{
+		Action: &confv1.Action{ResponseSize: size, ResponseCount: uint32(b.N)},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for i := range b.N {
+		m, err := stream.Recv()
 		if err != nil {
 			b.Fatal(err)
 		}
-		for i := range b.N {
-			m, err := stream.Recv()
-			if err != nil {
-				b.Fatal(err)
-			}
-			if len(m.GetPayload()) != size || m.GetIndex() != uint32(i) {
-				b.Fatalf("message %d: %d bytes, index %d", i, len(m.GetPayload()), m.GetIndex())
-			}
+		if len(m.GetPayload()) != size || m.GetIndex() != uint32(i) {
+			b.Fatalf("message %d: %d bytes, index %d", i, len(m.GetPayload()), m.GetIndex())
 		}
-	})
+	}
 }

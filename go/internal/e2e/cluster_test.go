@@ -60,7 +60,7 @@ type cluster struct {
 	operatorToken string
 }
 
-func startCluster(t *testing.T) *cluster {
+func startCluster(t testing.TB) *cluster {
 	dir, rbacProxy := assets(t)
 	start := time.Now()
 	env := &envtest.Environment{BinaryAssetsDirectory: dir}
@@ -127,7 +127,7 @@ func startCluster(t *testing.T) *cluster {
 
 // apply creates the namespaces, ServiceAccounts and RBAC objects of the
 // manifests (nothing runs pods here).
-func (c *cluster) apply(t *testing.T, ctx context.Context, sets ...manifests) {
+func (c *cluster) apply(t testing.TB, ctx context.Context, sets ...manifests) {
 	t.Helper()
 	cl, err := ctrlclient.New(c.admin, ctrlclient.Options{})
 	if err != nil {
@@ -149,7 +149,7 @@ func (c *cluster) apply(t *testing.T, ctx context.Context, sets ...manifests) {
 	}
 }
 
-func (c *cluster) create(t *testing.T, ctx context.Context, obj ctrlclient.Object) {
+func (c *cluster) create(t testing.TB, ctx context.Context, obj ctrlclient.Object) {
 	t.Helper()
 	cl, err := ctrlclient.New(c.admin, ctrlclient.Options{})
 	if err != nil {
@@ -160,7 +160,7 @@ func (c *cluster) create(t *testing.T, ctx context.Context, obj ctrlclient.Objec
 	}
 }
 
-func (c *cluster) waitAllowed(t *testing.T, ctx context.Context, user string, spec authzv1.SubjectAccessReviewSpec) {
+func (c *cluster) waitAllowed(t testing.TB, ctx context.Context, user string, spec authzv1.SubjectAccessReviewSpec) {
 	t.Helper()
 	spec.User = user
 	spec.Groups = []string{"system:serviceaccounts", "system:authenticated"}
@@ -332,7 +332,7 @@ func (c *cluster) tokens(t *testing.T) *tokens {
 // kubeconfigIn writes a kubeconfig for the operator's ServiceAccount, for
 // kube-rbac-proxy (in a pod it would use the in-cluster configuration), in
 // dir, readable by every user (the proxy runs as a user of its own).
-func (c *cluster) kubeconfigIn(t *testing.T, dir string) string {
+func (c *cluster) kubeconfigIn(t testing.TB, dir string) string {
 	t.Helper()
 	cfg := clientcmdapi.NewConfig()
 	cfg.Clusters["envtest"] = &clientcmdapi.Cluster{Server: c.admin.Host, CertificateAuthorityData: c.admin.CAData}

@@ -22,7 +22,7 @@ func TestMain(m *testing.M) {
 
 // assets returns the folder of the Kubernetes binaries and the path of
 // kube-rbac-proxy, or skips the test when KUBEBUILDER_ASSETS is not set.
-func assets(t *testing.T) (dir, rbacProxy string) {
+func assets(t testing.TB) (dir, rbacProxy string) {
 	t.Helper()
 	dir = os.Getenv("KUBEBUILDER_ASSETS")
 	if dir == "" {

@@ -38,7 +38,7 @@ func (s *syncBuffer) String() string {
 // with what only a pod has (listen address, upstream port, certificate
 // paths) replaced, and a kubeconfig instead of the in-cluster
 // configuration.
-func proxyArgs(t *testing.T, listen, upstream, certFile, keyFile, kubeconfig string) []string {
+func proxyArgs(t testing.TB, listen, upstream, certFile, keyFile, kubeconfig string) []string {
 	t.Helper()
 	var d appsv1.Deployment
 	render(t, "kube-rbac-proxy").get(t, "Deployment", "opf-operator", &d)
@@ -66,7 +66,7 @@ func proxyArgs(t *testing.T, listen, upstream, certFile, keyFile, kubeconfig str
 // proxyUID is the user the test runs kube-rbac-proxy as, and the server
 // checks: the one config/kube-rbac-proxy runs it as, when the test can
 // switch users (root); otherwise none.
-func proxyUID(t *testing.T) int {
+func proxyUID(t testing.TB) int {
 	if os.Getuid() != 0 {
 		t.Logf("not root: kube-rbac-proxy runs as the test's user, and the server checks only its address")
 		return server.AnyUID
@@ -77,7 +77,7 @@ func proxyUID(t *testing.T) int {
 }
 
 // readableDir is a folder the proxy's user can read, removed at the end.
-func readableDir(t *testing.T) string {
+func readableDir(t testing.TB) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "e2e-proxy")
 	if err != nil {
@@ -92,7 +92,8 @@ func readableDir(t *testing.T) string {
 
 // startProxy runs kube-rbac-proxy with args, as uid unless it is
 // server.AnyUID, until the test ends, and waits until it listens on addr.
-func startProxy(t *testing.T, bin, addr string, uid int, args []string) {
+// It returns the proxy's process id.
+func startProxy(t testing.TB, bin, addr string, uid int, args []string) int {
 	t.Helper()
 	logs := &syncBuffer{}
 	cmd := exec.Command(bin, args...)
@@ -136,9 +137,10 @@ func startProxy(t *testing.T, bin, addr string, uid int, args []string) {
 		}
 	}
 	t.Logf("kube-rbac-proxy listening in %s", time.Since(start).Round(time.Millisecond))
+	return cmd.Process.Pid
 }
 
-func freeAddr(t *testing.T) string {
+func freeAddr(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -65,6 +65,7 @@ type endpoint struct {
 	caFile     string
 	serverName string
 	logs       *syncBuffer // the server's log
+	proxyPID   int         // behind the proxy: the proxy's process
 }
 
 // pki is a CA and a serving certificate for serverName and 127.0.0.1, in
@@ -73,12 +74,12 @@ type pki struct {
 	caFile, certFile, keyFile string
 }
 
-func newPKI(t *testing.T, caName string) *pki {
+func newPKI(t testing.TB, caName string) *pki {
 	t.Helper()
 	return newPKIIn(t, t.TempDir(), caName)
 }
 
-func newPKIIn(t *testing.T, dir, caName string) *pki {
+func newPKIIn(t testing.TB, dir, caName string) *pki {
 	t.Helper()
 	p := &pki{caFile: filepath.Join(dir, "ca.crt"), certFile: filepath.Join(dir, "tls.crt"), keyFile: filepath.Join(dir, "tls.key")}
 	if _, err := p.rotate(caName, nil); err != nil {
@@ -113,7 +114,7 @@ func (p *pki) rotate(caName string, keep []byte) ([]byte, error) {
 }
 
 // runServer starts an operator's plugin server until the test ends.
-func runServer(t *testing.T, addr string, opts ...server.Option) (*server.Server, string, *syncBuffer) {
+func runServer(t testing.TB, addr string, opts ...server.Option) (*server.Server, string, *syncBuffer) {
 	t.Helper()
 	srv, err := server.New(addr, opts...)
 	if err != nil {
@@ -148,7 +149,7 @@ func operatorClient(c *cluster) kubernetes.Interface {
 
 // startBuiltIn runs the built-in mode: TLS, TokenReview and
 // SubjectAccessReview in the server, as auth.BuiltIn sets them up.
-func startBuiltIn(t *testing.T, c *cluster, extra ...server.Option) *endpoint {
+func startBuiltIn(t testing.TB, c *cluster, extra ...server.Option) *endpoint {
 	t.Helper()
 	p := newPKI(t, "operator-ca-1")
 	opts, err := auth.BuiltIn(operatorClient(c), []string{c.audience})
@@ -165,7 +166,7 @@ func startBuiltIn(t *testing.T, c *cluster, extra ...server.Option) *endpoint {
 // as the user config/kube-rbac-proxy runs it as (when the test runs as
 // root; otherwise as the test's user, and the server checks only the
 // proxy's address).
-func startBehindProxy(t *testing.T, c *cluster, extra ...server.Option) *endpoint {
+func startBehindProxy(t testing.TB, c *cluster, extra ...server.Option) *endpoint {
 	t.Helper()
 	uid := proxyUID(t)
 	opts, err := auth.BehindKubeRBACProxy(operatorClient(c), auth.ProxyUID(uid))
@@ -173,6 +174,16 @@ func startBehindProxy(t *testing.T, c *cluster, extra ...server.Option) *endpoin
 		t.Fatal(err)
 	}
 	srv, upstream, logs := runServer(t, "127.0.0.1:0", append(opts, extra...)...)
+	listen, caFile, pid := c.proxyFor(t, upstream, uid)
+	return &endpoint{srv: srv, target: listen, upstream: upstream, caFile: caFile, serverName: serverName, logs: logs, proxyPID: pid}
+}
+
+// proxyFor starts kube-rbac-proxy, with config/kube-rbac-proxy's
+// arguments and a certificate of its own, in front of the h2c server at
+// upstream, as uid, until the test ends. It returns the proxy's address,
+// the file of the CA its certificate comes from and its process id.
+func (c *cluster) proxyFor(t testing.TB, upstream string, uid int) (listen, caFile string, pid int) {
+	t.Helper()
 	dir := readableDir(t)
 	p := newPKIIn(t, dir, "proxy-ca")
 	for _, f := range []string{p.certFile, p.keyFile} {
@@ -180,9 +191,9 @@ func startBehindProxy(t *testing.T, c *cluster, extra ...server.Option) *endpoin
 			t.Fatal(err)
 		}
 	}
-	listen := freeAddr(t)
-	startProxy(t, c.rbacProxy, listen, uid, proxyArgs(t, listen, "http://"+upstream+"/", p.certFile, p.keyFile, c.kubeconfigIn(t, dir)))
-	return &endpoint{srv: srv, target: listen, upstream: upstream, caFile: p.caFile, serverName: serverName, logs: logs}
+	listen = freeAddr(t)
+	pid = startProxy(t, c.rbacProxy, listen, uid, proxyArgs(t, listen, "http://"+upstream+"/", p.certFile, p.keyFile, c.kubeconfigIn(t, dir)))
+	return listen, p.caFile, pid
 }
 
 var fastBackoff = backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.5, Jitter: 0.1, MaxDelay: time.Second}
@@ -220,7 +231,7 @@ func instanceIDs(reg *registry.Registry, name string) []string {
 }
 
 // testMode checks authentication, authorization and name binding.
-func testMode(t *testing.T, c *cluster, tk *tokens, start func(*testing.T, *cluster, ...server.Option) *endpoint) {
+func testMode(t *testing.T, c *cluster, tk *tokens, start func(testing.TB, *cluster, ...server.Option) *endpoint) {
 	ep := start(t, c)
 	creds := tlsCreds(t, ep.caFile, ep.serverName)
 
