@@ -34,25 +34,42 @@ type writer struct {
 	ended    bool          // the tunnel is closed or flushed: no write loop starts again
 	exited   chan struct{} // closed when the running write loop returns; made by wait
 	batch    []outFrame    // the write loop's batch, kept between runs
+	wake     chan struct{} // tells a lingering write loop that frames are queued
 }
+
+// writerLinger is how long a write loop with nothing to send waits for more
+// before it returns. Starting a goroutine per call cost a sequential unary
+// call about 6 µs (p50 29 to 35 µs on 2 cores); a loop that waits a moment
+// keeps busy tunnels at the cost of a channel wake-up, while an idle one
+// (a heartbeat every few seconds) still holds no goroutine.
+const writerLinger = 20 * time.Millisecond
 
 func newWriter(t *Tunnel, tr Transport) *writer {
 	return &writer{
 		t:        t,
 		tr:       tr,
 		maxBatch: MinMaxBatchSize - batchReserve,
+		wake:     make(chan struct{}, 1),
 	}
 }
 
 // signal makes sure a write loop runs to send what is queued.
 //
 // Cost: the write loop is a goroutine only while there is something to
-// send; it returns once the queues are empty, and the next frame starts
-// it again. An idle tunnel (thousands of them on one operator) then holds
-// no goroutine, nor its stack, for writing.
+// send; it returns once the queues have stayed empty for writerLinger, and
+// the next frame starts it again. An idle tunnel (thousands of them on one
+// operator) then holds no goroutine, nor its stack, for writing.
 func (w *writer) signal() {
 	w.mu.Lock()
-	start := !w.running && !w.ended
+	if w.running {
+		w.mu.Unlock()
+		select {
+		case w.wake <- struct{}{}:
+		default: // a wake-up is pending already
+		}
+		return
+	}
+	start := !w.ended
 	if start {
 		select {
 		case <-w.t.done:
@@ -209,6 +226,12 @@ func (w *writer) flush() {
 // starts it again), the tunnel closes, or a flush is done.
 func (w *writer) run() {
 	batch := w.batch
+	var linger *time.Timer
+	defer func() {
+		if linger != nil {
+			linger.Stop()
+		}
+	}()
 	for {
 		select {
 		case <-w.t.done:
@@ -223,8 +246,12 @@ func (w *writer) run() {
 		var flushed, empty bool
 		batch, flushed, empty = w.collect(batch[:0])
 		if empty {
-			// collect has marked the loop stopped under the lock that
-			// guards the queues: a frame queued from now on starts another.
+			if w.linger(&linger, batch) {
+				continue
+			}
+			// linger (or collect, when paused) has marked the loop
+			// stopped under the lock that guards the queues: a frame
+			// queued from now on starts another.
 			return
 		}
 		if len(batch) == 0 && flushed {
@@ -248,15 +275,13 @@ func (w *writer) run() {
 }
 
 // collect fills batch up to the peer's batch limit and reports whether the
-// queues are empty while a flush was asked for. When there is nothing to
-// send (empty), the write loop is marked stopped and must return.
+// queues are empty while a flush was asked for, or that there is nothing to
+// send (empty: the write loop lingers).
 func (w *writer) collect(batch []outFrame) (_ []outFrame, flushed, empty bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.paused {
-		w.batch = batch[:0]
-		w.exitLocked(false)
-		return batch, false, true
+		return batch, false, true // linger stops the loop
 	}
 	size := 0
 	n := 0
@@ -303,9 +328,40 @@ func (w *writer) collect(batch []outFrame) (_ []outFrame, flushed, empty bool) {
 	}
 	drained := len(w.ctrl) == 0 && len(w.ready) == 0
 	if len(batch) == 0 && !(drained && w.flushing) {
-		w.batch = batch[:0]
-		w.exitLocked(false)
 		return batch, false, true
 	}
 	return batch, drained && w.flushing, false
+}
+
+// linger waits up to writerLinger for frames, and reports whether the
+// write loop goes on; if not, it has marked the loop stopped. A paused
+// writer stops at once: resume starts it again.
+func (w *writer) linger(timer **time.Timer, batch []outFrame) bool {
+	w.mu.Lock()
+	paused := w.paused
+	w.mu.Unlock()
+	if !paused {
+		if *timer == nil {
+			*timer = time.NewTimer(writerLinger)
+		} else {
+			(*timer).Reset(writerLinger)
+		}
+		select {
+		case <-w.wake:
+			(*timer).Stop()
+			return true
+		case <-w.t.done:
+			(*timer).Stop()
+			return true // the loop's next turn sees it
+		case <-(*timer).C:
+		}
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.paused && (len(w.ctrl) > 0 || w.pong != nil || len(w.ready) > 0 || w.flushing) {
+		return true // queued just as the wait ended
+	}
+	w.batch = batch[:0]
+	w.exitLocked(false)
+	return false
 }
