@@ -12,6 +12,7 @@ use validator_plugin::demo::validator_service_server::ValidatorServiceServer;
 async fn main() -> Result<(), opf::Error> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())) // plain text in the demo's output
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let target = std::env::var("OPF_DEMO_TARGET").unwrap_or_else(|_| "unix:///tmp/opf-demo/op.sock".into());
