@@ -280,7 +280,7 @@ func Bench(ctx context.Context) error {
 			},
 		})
 	}
-	fmt.Printf("bench: %d rounds (about 5 minutes), raw results in %s\n", rounds, out)
+	fmt.Printf("bench: %d rounds (about 6 minutes), raw results in %s\n", rounds, out)
 	start := time.Now()
 	for round := range rounds {
 		for i := range pkgs {
