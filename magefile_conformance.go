@@ -66,7 +66,7 @@ func conformanceSDKs() []conformanceSDK {
 }
 
 // Conformance builds the conformance runner and the plugin program of every
-// SDK present in the tree (go, and sdk/python, sdk/rust once they exist),
+// SDK present in the tree (go, sdk/python, sdk/rust),
 // then runs the suite against all of them. CONFORMANCE_FLAGS adds runner
 // flags, for example CONFORMANCE_FLAGS='--run ^raw- -v'.
 func Conformance(ctx context.Context) error {
