@@ -164,7 +164,7 @@ func New(tr Transport, cfg Config) *Tunnel {
 	}
 	t.w.control(hello) // the plugin registers once the operator's Hello is in (spec 4.1)
 	if !cfg.ReadInCaller {
-		go t.readLoop() // not in wg: on the operator side Recv returns only after the handler does
+		go t.readLoop()
 	}
 	return t
 }

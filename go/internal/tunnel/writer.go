@@ -108,7 +108,7 @@ func (w *writer) wait(timeout time.Duration) {
 	}
 }
 
-// exit marks the write loop stopped; end: for good.
+// exitLocked marks the write loop stopped; end: for good.
 func (w *writer) exitLocked(end bool) {
 	w.running = false
 	w.ended = w.ended || end
@@ -222,56 +222,61 @@ func (w *writer) flush() {
 	w.signal()
 }
 
-// run sends batches until the queues are empty (then it returns: signal
-// starts it again), the tunnel closes, or a flush is done.
+// run sends batches until the queues have stayed empty for writerLinger
+// (then it returns: signal starts it again), the tunnel closes, or a flush
+// is done.
 func (w *writer) run() {
 	batch := w.batch
-	var linger *time.Timer
+	var idle *time.Timer // made at the first wait, reset at the next ones
 	defer func() {
-		if linger != nil {
-			linger.Stop()
+		if idle != nil {
+			idle.Stop()
 		}
 	}()
 	for {
 		select {
 		case <-w.t.done:
-			w.mu.Lock()
-			clear(batch)
-			w.batch = batch[:0]
-			w.exitLocked(true)
-			w.mu.Unlock()
+			w.end()
 			return
 		default:
 		}
 		var flushed, empty bool
 		batch, flushed, empty = w.collect(batch[:0])
 		if empty {
-			if w.linger(&linger, batch) {
+			if idle == nil {
+				idle = time.NewTimer(writerLinger)
+			} else {
+				idle.Reset(writerLinger)
+			}
+			if w.linger(idle, batch) {
 				continue
 			}
-			// linger (or collect, when paused) has marked the loop
-			// stopped under the lock that guards the queues: a frame
-			// queued from now on starts another.
+			// linger has marked the loop stopped under the lock that
+			// guards the queues: a frame queued from now on starts another.
 			return
 		}
 		if len(batch) == 0 && flushed {
 			_ = w.tr.CloseSend()
 			w.t.closeFlushed()
-			w.mu.Lock()
-			w.exitLocked(true)
-			w.mu.Unlock()
+			w.end()
 			return
 		}
 		err := w.tr.Send(batch) // the transport now owns the buffers
 		clear(batch)
 		if err != nil {
 			w.t.close(w.t.transportStatus(err))
-			w.mu.Lock()
-			w.exitLocked(true)
-			w.mu.Unlock()
+			w.end()
 			return
 		}
 	}
+}
+
+// end stops the write loop for good.
+func (w *writer) end() {
+	w.mu.Lock()
+	w.batch = nil
+	w.exitLocked(true)
+	w.mu.Unlock()
 }
 
 // collect fills batch up to the peer's batch limit and reports whether the
@@ -333,27 +338,22 @@ func (w *writer) collect(batch []outFrame) (_ []outFrame, flushed, empty bool) {
 	return batch, drained && w.flushing, false
 }
 
-// linger waits up to writerLinger for frames, and reports whether the
-// write loop goes on; if not, it has marked the loop stopped. A paused
-// writer stops at once: resume starts it again.
-func (w *writer) linger(timer **time.Timer, batch []outFrame) bool {
+// linger waits until idle fires for frames, and reports whether the write
+// loop goes on; if not, it has marked the loop stopped. A paused writer
+// stops at once: resume starts it again.
+func (w *writer) linger(idle *time.Timer, batch []outFrame) bool {
 	w.mu.Lock()
 	paused := w.paused
 	w.mu.Unlock()
 	if !paused {
-		if *timer == nil {
-			*timer = time.NewTimer(writerLinger)
-		} else {
-			(*timer).Reset(writerLinger)
-		}
 		select {
 		case <-w.wake:
-			(*timer).Stop()
+			idle.Stop()
 			return true
 		case <-w.t.done:
-			(*timer).Stop()
+			idle.Stop()
 			return true // the loop's next turn sees it
-		case <-(*timer).C:
+		case <-idle.C:
 		}
 	}
 	w.mu.Lock()
