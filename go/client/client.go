@@ -11,6 +11,7 @@ import (
 	"github.com/go-logr/logr"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/experimental"
 
 	pb "github.com/guilhem/operator-plugin-framework/go/gen/pluginframework/v1"
 	"github.com/guilhem/operator-plugin-framework/go/internal/target"
@@ -181,6 +182,7 @@ func (c *Client) dialOptions() []grpc.DialOption {
 		grpc.WithTransportCredentials(creds),
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: c.cfg.backoff, MinConnectTimeout: c.cfg.handshakeTimeout}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(local.MaxBatchSize), grpc.MaxCallSendMsgSize(1<<31-1)),
+		experimental.WithBufferPool(tunnel.BufferPool),
 	}
 	if c.target.Kind == target.DNS {
 		// Each tunnel dials one address; TLS verifies the name dialled.

@@ -15,6 +15,7 @@ import (
 	"github.com/go-logr/logr"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"sigs.k8s.io/controller-runtime/pkg/log"
@@ -198,6 +199,7 @@ func (s *Server) Start(ctx context.Context) error {
 		grpc.ForceServerCodecV2(tunnel.WireCodec),
 		grpc.MaxRecvMsgSize(local.MaxBatchSize),
 		grpc.MaxSendMsgSize(1<<31 - 1), // batches are sized to the plugin's limit
+		experimental.BufferPool(tunnel.BufferPool),
 	}, s.cfg.limits.grpcOptions()...)
 	gs := grpc.NewServer(append(opts, s.cfg.grpcOptions...)...)
 	pb.RegisterPluginFrameworkServiceServer(gs, wireService{s: s})
