@@ -50,5 +50,8 @@ BATCH_RESERVE: Final = KiB  # batches are filled to the peer's limit less this
 CONTROL_QUEUE_LIMIT: Final = 16 * KiB  # frames; overflow is a tunnel error (3.4)
 LIVENESS_CHECKS_PER_INTERVAL: Final = 4
 CLOSE_WAIT: Final = 1.0  # for the operator to end the Connect call after our half-close
+# grpc.http2.write_buffer_size of the tunnel's channel: how much of the
+# writer's hinted batches grpcio may hold before a write waits (_writer).
+WRITE_BUFFER_SIZE: Final = MiB
 
 CONNECT_METHOD: Final = "/pluginframework.v1.PluginFrameworkService/Connect"

@@ -19,7 +19,7 @@ import grpc
 
 from opf import _status
 from opf._core import Core
-from opf._defaults import CONNECT_METHOD, MAX_SLOTS
+from opf._defaults import CONNECT_METHOD, MAX_SLOTS, WRITE_BUFFER_SIZE
 from opf._options import TLS, Backoff, TokenSource
 from opf._target import Address, LookupHost, Target, resolve
 from opf._tunnel import AttemptFailed, Tunnel
@@ -251,6 +251,7 @@ class Connector:
             # Each tunnel its own connection: a load balancer spreads them,
             # and a GoAway's new tunnel may reach another replica.
             ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.http2.write_buffer_size", WRITE_BUFFER_SIZE),
         ]
         authority = self.target.authority
         if authority:

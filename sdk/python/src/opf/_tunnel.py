@@ -239,9 +239,11 @@ class Tunnel:
         A write that fails because the operator already ended the call (a
         refused token, say) makes grpcio replace the call's status with
         INTERNAL "Internal error from Core", before or after the operator's
-        status arrives; _on_call_done keeps the first real one.
+        status arrives; _on_call_done keeps the first real one. A hinted
+        write (_writer) fails with grpcio's own exception, not a status: the
+        same wait gives the call's.
         """
-        if _is_core_placeholder(e):
+        if _is_core_placeholder(e) or not isinstance(e, grpc.aio.AioRpcError):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._call_status_set.wait(), FINAL_STATUS_GRACE)
             if self._call_status is not None:

@@ -6,15 +6,30 @@ ping flood cannot grow the queue), then the streams with queued frames take
 turns, one frame each, so that one large message does not hold back the
 others. Frames queued together leave in one batch, up to the peer's batch
 limit and 4,096 frames.
+
+grpc.aio lets one write be in flight, and completes it once grpcio's
+transport has passed the whole batch through HTTP/2 flow control. With the
+Go operator's 256 KiB batches a 1 MiB message is five writes, each waiting
+for that: the sender idles between them. So the writer builds the next batch
+before it writes the current one, and when there is a next batch it writes
+the current one with grpcio's buffer hint (GRPC_WRITE_BUFFER_HINT), which
+completes the write as soon as the transport holds it, up to the channel's
+grpc.http2.write_buffer_size (_slots sets WRITE_BUFFER_SIZE). The batch after
+it always follows at once, without the hint when it is the last, and that
+write starts the transport. grpc.aio has no write flags: the hint goes
+through grpcio's Cython layer, which this module checks for at start, using
+plain writes when it is not as expected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from opf import _wire
 from opf._defaults import (
@@ -51,6 +66,42 @@ class Queued:
 
 class ControlQueueFull(Exception):
     pass
+
+
+HintedSend: TypeAlias = Callable[[bytes, bool], Awaitable[None]]
+
+# The parameters of grpcio's cygrpc._send_message, which grpc.aio's
+# send_serialized_message calls with a write flag of 0 (grpcio 1.85).
+_SEND_MESSAGE_PARAMS = (
+    "grpc_call_wrapper",
+    "message",
+    "send_initial_metadata_op",
+    "write_flag",
+    "loop",
+)
+
+
+def hinted_send(call: Any) -> HintedSend | None:
+    """A function that writes a batch to call, with the buffer hint when
+    asked; None when grpcio's internals are not those this SDK knows (then
+    every write is a plain call.write)."""
+    try:
+        cygrpc = importlib.import_module("grpc._cython.cygrpc")
+        send = cygrpc._send_message
+        flag = int(cygrpc.WriteFlag.buffer_hint)
+        params = tuple(inspect.signature(send).parameters)
+        cython_call = call._cython_call
+    except Exception:
+        return None
+    if params != _SEND_MESSAGE_PARAMS:
+        return None
+    loop = asyncio.get_running_loop()
+
+    def write(batch: bytes, hint: bool) -> Awaitable[None]:
+        result: Awaitable[None] = send(cython_call, batch, None, flag if hint else 0, loop)
+        return result
+
+    return write
 
 
 class Writer:
@@ -153,20 +204,33 @@ class Writer:
                 s.queued = False
         return parts
 
+    def _batch(self) -> bytes | None:
+        parts = self._collect()
+        if not parts:
+            return None
+        batch = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.batches += 1
+        self.bytes += len(batch)
+        return batch  # type: ignore[return-value] # a lone part is bytes: memoryviews come after a head
+
     async def run(self) -> None:
         call = self._call
+        # The first write goes through grpc.aio, which sends the call's
+        # headers first; the hinted ones follow it.
+        hinted: HintedSend | None = None
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                while True:
-                    parts = self._collect()
-                    if not parts:
-                        break
-                    batch = parts[0] if len(parts) == 1 else b"".join(parts)
-                    self.batches += 1
-                    self.bytes += len(batch)
-                    await call.write(batch)
+                batch = self._batch()
+                while batch is not None:
+                    following = self._batch()
+                    if hinted is None:
+                        await call.write(batch)
+                        hinted = hinted_send(call) or _plain(call)
+                    else:
+                        await hinted(batch, following is not None)
+                    batch = following
                 if self._flush and not self._ctrl and not self._ready and self._pong is None:
                     await call.done_writing()
                     if not self.flushed.done():
@@ -179,3 +243,10 @@ class Writer:
             if not self.flushed.done():
                 self.flushed.set_result(None)
             self._on_error(e)
+
+
+def _plain(call: Call) -> HintedSend:
+    def write(batch: bytes, hint: bool) -> Awaitable[None]:
+        return call.write(batch)
+
+    return write
