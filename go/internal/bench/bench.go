@@ -243,6 +243,21 @@ func (p Bare) ClientStream(ctx context.Context, n, size int) error {
 	return nil
 }
 
+// BareCalls reaches the same handler as Bare with a new gRPC call for
+// each round trip: a unary call on the Connect method's path, which the
+// stream handler answers with one message. Through a proxy it is what a
+// plain gRPC call costs on the tunnel's route, where Bare is one message
+// on a stream already open; only the unary benchmarks run on it
+// (NamedPath.UnaryOnly), its streams being Bare's.
+type BareCalls struct{ Bare }
+
+func (p BareCalls) Caller(ctx context.Context) (func() error, error) {
+	req := &testgrpc.StreamingOutputCallRequest{Payload: body(UnarySize), ResponseParameters: []*testgrpc.ResponseParameters{{Size: UnarySize}}}
+	return func() error {
+		return p.CC.Invoke(ctx, BarePath, req, new(testgrpc.StreamingOutputCallResponse))
+	}, nil
+}
+
 func recvN[T any](s interface{ Recv() (*T, error) }, n int) error {
 	for i := range n {
 		if _, err := s.Recv(); err != nil {
@@ -262,6 +277,8 @@ type NamedPath struct {
 	// ProxyPID, when set, is a process on the path (a proxy) whose write
 	// system calls are reported too, as proxy-writes/op.
 	ProxyPID int
+	// UnaryOnly: only the unary benchmarks run on this path.
+	UnaryOnly bool
 }
 
 // Mode is one deployment: its name and the paths measured in it.
@@ -279,20 +296,21 @@ func Round() int {
 }
 
 var benchmarks = []struct {
-	name string
-	fn   func(*testing.B, NamedPath)
+	name   string
+	fn     func(*testing.B, NamedPath)
+	stream bool
 }{
-	{"Unary64B", unary},
-	{"Unary64BConcurrent16", concurrent},
-	{"ServerStream1MiB", serverStream},
-	{"ClientStream1MiB", clientStream},
+	{"Unary64B", unary, false},
+	{"Unary64BConcurrent16", concurrent, false},
+	{"ServerStream1MiB", serverStream, true},
+	{"ClientStream1MiB", clientStream, true},
 }
 
 // Run warms every path of the mode up, then runs each benchmark on each
 // path, as sub-benchmarks <mode>/<benchmark>/<path>.
 func Run(b *testing.B, m Mode) {
 	for _, p := range m.Paths {
-		if err := Warm(b.Context(), p.Path); err != nil {
+		if err := Warm(b.Context(), p.Path, !p.UnaryOnly); err != nil {
 			b.Fatalf("%s/%s: warm-up: %v", m.Name, p.Name, err)
 		}
 	}
@@ -301,6 +319,9 @@ func Run(b *testing.B, m Mode) {
 		k := (Round() + i) % len(paths)
 		paths = append(paths[k:], paths[:k]...)
 		for _, p := range paths {
+			if bm.stream && p.UnaryOnly {
+				continue
+			}
 			b.Run(m.Name+"/"+bm.name+"/"+p.Name, func(b *testing.B) { bm.fn(b, p) })
 		}
 	}
@@ -308,8 +329,9 @@ func Run(b *testing.B, m Mode) {
 
 // Warm runs every kind of call on p for a moment: connections are up,
 // HTTP/2 windows have grown (grpc-go's BDP estimation) and the pools are
-// filled before anything is measured.
-func Warm(ctx context.Context, p Path) error {
+// filled before anything is measured; the streams only when streams is
+// set.
+func Warm(ctx context.Context, p Path, streams bool) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	call, err := p.Caller(ctx)
@@ -320,6 +342,9 @@ func Warm(ctx context.Context, p Path) error {
 		if err := call(); err != nil {
 			return err
 		}
+	}
+	if !streams {
+		return nil
 	}
 	if err := p.ServerStream(ctx, 32, StreamSize); err != nil {
 		return err

@@ -32,6 +32,11 @@ import (
 //     the Connect path through a second kube-rbac-proxy with the same
 //     arguments, the same RBAC and the same token.
 //
+// Both modes also measure "call": a new gRPC call on the bare server for
+// each unary round trip (bench.BareCalls), what a plain unary call costs
+// on the same route, against which the bare stream's single message is
+// the floor.
+//
 // Without the Kubernetes binaries it is skipped.
 func BenchmarkDeployments(b *testing.B) {
 	log.SetLogger(logr.Discard()) // the server logs through controller-runtime
@@ -48,15 +53,19 @@ func BenchmarkDeployments(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	bare := bench.Bare{CC: dialBench(b, bareServer(b, grpc.Creds(tlsCreds)), tls.caFile, token)}
 	bench.Run(b, bench.Mode{Name: "tls", Paths: []bench.NamedPath{
-		{Name: "bare", Path: bench.Bare{CC: dialBench(b, bareServer(b, grpc.Creds(tlsCreds)), tls.caFile, token)}},
+		{Name: "bare", Path: bare},
+		{Name: "call", Path: bench.BareCalls{Bare: bare}, UnaryOnly: true},
 		{Name: "tunnel", Path: bench.Calls{C: benchPlugin(b, builtIn, token)}},
 	}})
 
 	behind := startBehindProxy(b, c)
 	listen, caFile, pid := c.proxyFor(b, bareServer(b), proxyUID(b))
+	bare = bench.Bare{CC: dialBench(b, listen, caFile, token)}
 	bench.Run(b, bench.Mode{Name: "proxy", Paths: []bench.NamedPath{
-		{Name: "bare", Path: bench.Bare{CC: dialBench(b, listen, caFile, token)}, ProxyPID: pid},
+		{Name: "bare", Path: bare, ProxyPID: pid},
+		{Name: "call", Path: bench.BareCalls{Bare: bare}, ProxyPID: pid, UnaryOnly: true},
 		{Name: "tunnel", Path: bench.Calls{C: benchPlugin(b, behind, token)}, ProxyPID: behind.proxyPID},
 	}})
 }

@@ -38,12 +38,15 @@ var rows = []row{
 	{"plain server stream 1 MiB", "MB/s", "plain/ServerStream1MiB/tunnel", "plain/ServerStream1MiB/direct", false, 0.7, "tunnel at least 0.7x of direct"},
 	{"plain client stream 1 MiB", "MB/s", "plain/ClientStream1MiB/tunnel", "plain/ClientStream1MiB/direct", false, 0.7, "tunnel at least 0.7x of direct"},
 	{"plain unary p50 vs bare", "p50-ns", "plain/Unary64B/tunnel", "plain/Unary64B/bare", true, 0, "a message each way on an open stream"},
+	{"plain direct call vs bare p50", "p50-ns", "plain/Unary64B/direct", "plain/Unary64B/bare", true, 0, "what any unary call adds to a message on an open stream"},
 	{"plain server stream vs bare", "MB/s", "plain/ServerStream1MiB/tunnel", "plain/ServerStream1MiB/bare", false, 0, ""},
 	{"plain client stream vs bare", "MB/s", "plain/ClientStream1MiB/tunnel", "plain/ClientStream1MiB/bare", false, 0, ""},
 
 	// Built-in TLS + token on loopback TCP, against a bare stream over TLS.
 	{"tls unary p50", "p50-ns", "tls/Unary64B/tunnel", "tls/Unary64B/bare", true, 0, "control: bare stream over TLS"},
 	{"tls unary p99", "p99-ns", "tls/Unary64B/tunnel", "tls/Unary64B/bare", true, 0, ""},
+	{"tls unary p50 vs a gRPC call", "p50-ns", "tls/Unary64B/tunnel", "tls/Unary64B/call", true, 0, "control: a new unary call on the bare server"},
+	{"tls gRPC call vs bare p50", "p50-ns", "tls/Unary64B/call", "tls/Unary64B/bare", true, 0, "what any unary call adds to a message on an open stream"},
 	{"tls unary 16-way", "calls/s", "tls/Unary64BConcurrent16/tunnel", "tls/Unary64BConcurrent16/bare", false, 0, "control: 16 bare streams"},
 	{"tls server stream 1 MiB", "MB/s", "tls/ServerStream1MiB/tunnel", "tls/ServerStream1MiB/bare", false, 0, ""},
 	{"tls client stream 1 MiB", "MB/s", "tls/ClientStream1MiB/tunnel", "tls/ClientStream1MiB/bare", false, 0, ""},
@@ -59,6 +62,9 @@ var rows = []row{
 	// the same arguments.
 	{"proxy unary p50", "p50-ns", "proxy/Unary64B/tunnel", "proxy/Unary64B/bare", true, 1.10, "tunnel within 1.10x of a bare round trip through the proxy"},
 	{"proxy unary p99", "p99-ns", "proxy/Unary64B/tunnel", "proxy/Unary64B/bare", true, 0, ""},
+	{"proxy unary p50 vs a gRPC call", "p50-ns", "proxy/Unary64B/tunnel", "proxy/Unary64B/call", true, 0, "control: a new unary call through the proxy"},
+	{"proxy gRPC call vs bare p50", "p50-ns", "proxy/Unary64B/call", "proxy/Unary64B/bare", true, 0, "what any unary call adds to a message on an open stream"},
+	{"proxy 16-way vs gRPC calls", "calls/s", "proxy/Unary64BConcurrent16/tunnel", "proxy/Unary64BConcurrent16/call", false, 0, ""},
 	{"proxy unary 16-way", "calls/s", "proxy/Unary64BConcurrent16/tunnel", "proxy/Unary64BConcurrent16/bare", false, 0, "control: 16 bare streams"},
 	{"proxy server stream 1 MiB", "MB/s", "proxy/ServerStream1MiB/tunnel", "proxy/ServerStream1MiB/bare", false, 0.8, "tunnel at least 0.8x of a bare stream through the proxy"},
 	{"proxy client stream 1 MiB", "MB/s", "proxy/ClientStream1MiB/tunnel", "proxy/ClientStream1MiB/bare", false, 0.8, "tunnel at least 0.8x of a bare stream through the proxy"},
@@ -85,6 +91,7 @@ var rows = []row{
 	{"tls server stream CPU/MiB", "cpu-ns/op", "tls/ServerStream1MiB/tunnel", "tls/ServerStream1MiB/bare", true, 0, ""},
 	{"tls client stream CPU/MiB", "cpu-ns/op", "tls/ClientStream1MiB/tunnel", "tls/ClientStream1MiB/bare", true, 0, ""},
 	{"proxy unary CPU/call", "cpu-ns/op", "proxy/Unary64B/tunnel", "proxy/Unary64B/bare", true, 0, "the benchmark's process"},
+	{"proxy unary CPU vs a gRPC call", "cpu-ns/op", "proxy/Unary64B/tunnel", "proxy/Unary64B/call", true, 0, ""},
 	{"proxy unary proxy's CPU/call", "proxy-cpu-ns/op", "proxy/Unary64B/tunnel", "proxy/Unary64B/bare", true, 0, "kube-rbac-proxy's"},
 	{"proxy server stream CPU/MiB", "cpu-ns/op", "proxy/ServerStream1MiB/tunnel", "proxy/ServerStream1MiB/bare", true, 0, ""},
 	{"proxy server stream proxy CPU", "proxy-cpu-ns/op", "proxy/ServerStream1MiB/tunnel", "proxy/ServerStream1MiB/bare", true, 0, ""},
