@@ -44,8 +44,6 @@ pub(crate) const CONTROL_QUEUE_MAX: usize = 16_384;
 /// before the handler is made to wait: one large message may always be
 /// queued whole.
 pub(crate) const STREAM_QUEUE_BYTES: usize = 1 << 20;
-/// Batches handed to gRPC ahead of the HTTP/2 connection.
-pub(crate) const OUTGOING_BATCHES: usize = 2;
 /// How long to wait for the operator to end the `Connect` call after the
 /// plugin half-closed it (spec §12.4).
 pub(crate) const CLOSE_WAIT: Duration = Duration::from_secs(1);

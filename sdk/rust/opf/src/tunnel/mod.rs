@@ -6,7 +6,8 @@
 //! - the **tunnel task** ([`run`]) reads batches and acts on every frame
 //!   at once: it never waits for a handler (spec §3.4). It also runs the
 //!   heartbeats and the drain;
-//! - the **writer task** ([`writer::run`]) turns the queues of the
+//! - the `Connect` call's request stream ([`writer::Batches`]), polled by
+//!   the HTTP/2 connection's body task, turns the queues of the
 //!   [`writer::Outbox`] into batches;
 //! - one **stream task** per call ([`dispatch::serve`]) runs the handler
 //!   through tonic's routing. Its request body reads from a buffer the
@@ -28,7 +29,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::sleep_until;
 use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -40,7 +40,7 @@ use frame::{RpcStatus, TunnelError, is_stream_kind, kind_name, status};
 use pb::frame::Kind;
 use settings::Limits;
 use stream::{Phase, StreamEntry};
-use writer::Outbox;
+use writer::{Batches, Outbox};
 
 /// What every tunnel of a plugin registers and uses.
 pub(crate) struct Config {
@@ -164,7 +164,6 @@ pub(crate) struct Attempt {
 /// Runs one tunnel to its end.
 pub(crate) async fn run(a: Attempt, channel: Channel, token: Option<String>, shutdown: watch::Receiver<bool>) -> End {
     let outbox = Outbox::new();
-    let (tx, rx) = mpsc::channel(OUTGOING_BATCHES);
     let hello = pb::Hello {
         min_version: VERSION,
         max_version: VERSION,
@@ -172,7 +171,6 @@ pub(crate) async fn run(a: Attempt, channel: Channel, token: Option<String>, shu
         ..Default::default()
     };
     let _ = outbox.control(frame::frame(0, Kind::Hello(hello)));
-    let writer = tokio::spawn(writer::run(outbox.clone(), tx));
     let shared = Arc::new(Shared {
         outbox: outbox.clone(),
         handler: a.handler.clone(),
@@ -183,7 +181,6 @@ pub(crate) async fn run(a: Attempt, channel: Channel, token: Option<String>, shu
     let mut conn = Conn {
         a,
         shared,
-        writer: Some(writer),
         hello: false,
         answered: false,
         registered: false,
@@ -194,7 +191,7 @@ pub(crate) async fn run(a: Attempt, channel: Channel, token: Option<String>, shu
         heartbeat: None,
         ping_nonce: 0,
     };
-    let end = conn.main(channel, token, rx, shutdown).await;
+    let end = conn.main(channel, token, Batches(outbox), shutdown).await;
     conn.close(&end);
     end
 }
@@ -202,7 +199,6 @@ pub(crate) async fn run(a: Attempt, channel: Channel, token: Option<String>, shu
 struct Conn {
     a: Attempt,
     shared: Arc<Shared>,
-    writer: Option<tokio::task::JoinHandle<()>>,
     hello: bool,
     answered: bool,
     registered: bool,
@@ -220,14 +216,14 @@ impl Conn {
         &mut self,
         channel: Channel,
         token: Option<String>,
-        rx: mpsc::Receiver<pb::ConnectRequest>,
+        batches: Batches,
         mut shutdown: watch::Receiver<bool>,
     ) -> End {
         let handshake = tokio::time::Instant::from_std(self.a.handshake_deadline);
         let mut client = PluginFrameworkServiceClient::new(channel)
             .max_decoding_message_size(self.a.cfg.limits.max_batch_size as usize)
             .max_encoding_message_size(usize::MAX);
-        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        let mut req = tonic::Request::new(batches);
         if let Some(t) = token {
             match format!("Bearer {t}").parse() {
                 Ok(v) => {
@@ -344,9 +340,7 @@ impl Conn {
     /// Sends what is queued, within `wait`.
     async fn flush(&mut self, wait: Duration) {
         self.shared.outbox.finish_all();
-        if let Some(w) = self.writer.as_mut() {
-            let _ = tokio::time::timeout(wait, w).await;
-        }
+        let _ = tokio::time::timeout(wait, self.shared.outbox.ended()).await;
     }
 
     /// The end of a drain: everything queued leaves, the sending side of
@@ -361,9 +355,6 @@ impl Conn {
     /// ends without a frame.
     fn close(&mut self, end: &End) {
         self.shared.outbox.close();
-        if let Some(w) = self.writer.take() {
-            w.abort();
-        }
         self.a.replicas.release(self.a.id);
         let reason = match end {
             End::Shutdown => "plugin tunnel closed: plugin shutting down".to_owned(),

@@ -1,14 +1,18 @@
 //! The outgoing side of a tunnel: every frame to send is queued here, and
-//! one writer task turns the queues into batches. Control frames go first;
+//! the `Connect` call's request stream ([`Batches`]) turns the queues into
+//! batches as gRPC asks for them, with no task of its own between the
+//! stream tasks and the HTTP/2 connection. Control frames go first;
 //! then streams with something sendable take turns, one frame each, so
 //! that one large message does not hold back the others (spec §3.4). The
-//! writer owns each stream's send credit (spec §8.1).
+//! outbox owns each stream's send credit (spec §8.1).
 
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tonic::Code;
 
 use super::defaults::*;
@@ -73,13 +77,25 @@ struct State {
     /// Send everything queued, then end.
     finishing: bool,
     closed: bool,
+    /// The request stream, waiting for something to send.
+    waker: Option<Waker>,
+    /// The request stream has ended (or was dropped): nothing more leaves.
+    ended: bool,
+}
+
+/// Wakes the request stream, with the lock released.
+fn notify(w: Option<Waker>) {
+    if let Some(w) = w {
+        w.wake();
+    }
 }
 
 /// The queues of one tunnel, shared by the reader, the stream tasks and
-/// the writer task.
+/// the `Connect` call's request stream.
 pub(crate) struct Outbox {
     state: Mutex<State>,
-    wake: Notify,
+    /// Notified when the request stream has ended.
+    ended: Notify,
 }
 
 /// What `push` reports.
@@ -102,8 +118,10 @@ impl Outbox {
                 initial_credit: i64::from(DEFAULT_INITIAL_WINDOW_SIZE),
                 finishing: false,
                 closed: false,
+                waker: None,
+                ended: false,
             }),
-            wake: Notify::new(),
+            ended: Notify::new(),
         })
     }
 
@@ -141,8 +159,9 @@ impl Outbox {
             ));
         }
         s.control.push_back(f);
+        let w = s.waker.take();
         drop(s);
-        self.wake.notify_one();
+        notify(w);
         Ok(())
     }
 
@@ -154,14 +173,18 @@ impl Outbox {
             return;
         }
         s.control.push_front(f);
+        let w = s.waker.take();
         drop(s);
-        self.wake.notify_one();
+        notify(w);
     }
 
     /// Queues the answer to a ping; only the latest nonce is kept.
     pub(crate) fn pong(&self, nonce: u64) {
-        self.lock().pong = Some(nonce);
-        self.wake.notify_one();
+        let mut s = self.lock();
+        s.pong = Some(nonce);
+        let w = s.waker.take();
+        drop(s);
+        notify(w);
     }
 
     /// Starts the send side of a stream; returns what wakes its producer.
@@ -191,10 +214,9 @@ impl Outbox {
         }
         st.items.push_back(item);
         let wake = Self::mark_ready(&mut s, id);
+        let w = if wake { s.waker.take() } else { None };
         drop(s);
-        if wake {
-            self.wake.notify_one();
-        }
+        notify(w);
         Pushed::Queued
     }
 
@@ -235,8 +257,9 @@ impl Outbox {
         let Some(st) = s.streams.get_mut(&id) else {
             // A stream the writer never saw (refused): the close goes alone.
             s.control.push_back(close);
+            let w = s.waker.take();
             drop(s);
-            self.wake.notify_one();
+            notify(w);
             return;
         };
         if st.closing {
@@ -250,10 +273,9 @@ impl Outbox {
         st.items.push_back(Item::Close(close));
         st.space.notify_one();
         let wake = Self::mark_ready(&mut s, id);
+        let w = if wake { s.waker.take() } else { None };
         drop(s);
-        if wake {
-            self.wake.notify_one();
-        }
+        notify(w);
     }
 
     /// Drops the data a stream still has queued, keeping its close: the
@@ -265,10 +287,9 @@ impl Outbox {
         st.queued = 0;
         st.space.notify_one();
         let wake = Self::mark_ready(&mut s, id);
+        let w = if wake { s.waker.take() } else { None };
         drop(s);
-        if wake {
-            self.wake.notify_one();
-        }
+        notify(w);
     }
 
     /// Adds credit from a `WindowUpdate`. `Err` when it would overflow the
@@ -282,10 +303,9 @@ impl Outbox {
         }
         st.credit = credit;
         let wake = Self::mark_ready(&mut s, id);
+        let w = if wake { s.waker.take() } else { None };
         drop(s);
-        if wake {
-            self.wake.notify_one();
-        }
+        notify(w);
         Ok(())
     }
 
@@ -303,8 +323,11 @@ impl Outbox {
 
     /// Sends what is queued, then ends the `Connect` call's sending side.
     pub(crate) fn finish_all(&self) {
-        self.lock().finishing = true;
-        self.wake.notify_one();
+        let mut s = self.lock();
+        s.finishing = true;
+        let w = s.waker.take();
+        drop(s);
+        notify(w);
     }
 
     /// Stops at once; queued frames are dropped.
@@ -317,67 +340,84 @@ impl Outbox {
             st.space.notify_one();
         }
         s.streams.clear();
+        let w = s.waker.take();
         drop(s);
-        self.wake.notify_one();
+        notify(w);
     }
 
     /// Builds the next batch, or says why there is none.
+    #[cfg(test)]
     fn next_batch(&self) -> Next {
-        let mut s = self.lock();
-        if s.closed {
-            return Next::End;
-        }
-        let limit = s.batch_limit;
-        let mut frames = Vec::new();
-        let mut size = 0;
-        if let Some(nonce) = s.pong.take() {
-            let f = frame::frame(0, Kind::Pong(pb::Pong { nonce }));
-            size += frame_len(&f);
-            frames.push(f);
-        }
-        while frames.len() < MAX_FRAMES_PER_BATCH {
-            let Some(f) = s.control.front() else { break };
-            let n = frame_len(f);
-            if !frames.is_empty() && size + n > limit {
-                return Next::Batch(frames);
+        build(&mut self.lock())
+    }
+
+    /// Waits until the request stream has ended: everything queued has
+    /// left, after `finish_all`, or the tunnel was closed.
+    pub(crate) async fn ended(&self) {
+        loop {
+            if self.lock().ended {
+                return;
             }
-            size += n;
-            frames.push(s.control.pop_front().expect("front exists"));
+            // A single waiter: a notification before this keeps its permit.
+            self.ended.notified().await;
         }
-        let state = &mut *s;
-        while frames.len() < MAX_FRAMES_PER_BATCH {
-            let Some(id) = state.ready.pop_front() else { break };
-            let Some(st) = state.streams.get_mut(&id) else { continue };
-            st.ready = false;
-            match take_frame(id, st, limit - size.min(limit)) {
-                Taken::Frame(f, n, more) => {
-                    size += n;
-                    frames.push(f);
-                    if matches!(frames.last().and_then(|f| f.kind.as_ref()), Some(Kind::Close(_))) {
-                        state.streams.remove(&id);
-                        continue;
-                    }
-                    if more {
-                        st.ready = true;
-                        state.ready.push_back(id);
-                    }
-                }
-                Taken::Full => {
-                    st.ready = true;
-                    state.ready.push_front(id);
-                    break;
-                }
-                Taken::Blocked => {}
-            }
-        }
-        if !frames.is_empty() {
+    }
+}
+
+/// Builds the next batch from the queues, or says why there is none.
+fn build(s: &mut State) -> Next {
+    if s.closed {
+        return Next::End;
+    }
+    let limit = s.batch_limit;
+    let mut frames = Vec::new();
+    let mut size = 0;
+    if let Some(nonce) = s.pong.take() {
+        let f = frame::frame(0, Kind::Pong(pb::Pong { nonce }));
+        size += frame_len(&f);
+        frames.push(f);
+    }
+    while frames.len() < MAX_FRAMES_PER_BATCH {
+        let Some(f) = s.control.front() else { break };
+        let n = frame_len(f);
+        if !frames.is_empty() && size + n > limit {
             return Next::Batch(frames);
         }
-        if s.finishing && s.control.is_empty() && s.streams.values().all(|st| st.items.is_empty()) {
-            return Next::End;
-        }
-        Next::Idle
+        size += n;
+        frames.push(s.control.pop_front().expect("front exists"));
     }
+    while frames.len() < MAX_FRAMES_PER_BATCH {
+        let Some(id) = s.ready.pop_front() else { break };
+        let Some(st) = s.streams.get_mut(&id) else { continue };
+        st.ready = false;
+        match take_frame(id, st, limit - size.min(limit)) {
+            Taken::Frame(f, n, more) => {
+                size += n;
+                frames.push(f);
+                if matches!(frames.last().and_then(|f| f.kind.as_ref()), Some(Kind::Close(_))) {
+                    s.streams.remove(&id);
+                    continue;
+                }
+                if more {
+                    st.ready = true;
+                    s.ready.push_back(id);
+                }
+            }
+            Taken::Full => {
+                st.ready = true;
+                s.ready.push_front(id);
+                break;
+            }
+            Taken::Blocked => {}
+        }
+    }
+    if !frames.is_empty() {
+        return Next::Batch(frames);
+    }
+    if s.finishing && s.control.is_empty() && s.streams.values().all(|st| st.items.is_empty()) {
+        return Next::End;
+    }
+    Next::Idle
 }
 
 enum Next {
@@ -448,20 +488,47 @@ fn take_frame(id: u64, st: &mut OutStream, room: usize) -> Taken {
     Taken::Frame(f, n, st.sendable())
 }
 
-/// The writer task: sends batches until the tunnel closes or, after
-/// `finish_all`, until everything queued has left. Dropping `tx` at the
-/// end half-closes the `Connect` call.
-pub(crate) async fn run(outbox: Arc<Outbox>, tx: mpsc::Sender<pb::ConnectRequest>) {
-    loop {
-        match outbox.next_batch() {
-            Next::Batch(frames) => {
-                if tx.send(pb::ConnectRequest { frames }).await.is_err() {
-                    return;
-                }
-            }
-            Next::Idle => outbox.wake.notified().await,
-            Next::End => return,
+/// The `Connect` call's request stream: each item is a batch of what is
+/// queued, built when gRPC asks for the next one, so that frames queued
+/// meanwhile leave together. It ends once the tunnel closes or, after
+/// `finish_all`, once everything queued has left; that half-closes the
+/// call.
+pub(crate) struct Batches(pub(crate) Arc<Outbox>);
+
+impl tokio_stream::Stream for Batches {
+    type Item = pb::ConnectRequest;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut s = self.0.lock();
+        if s.ended {
+            return Poll::Ready(None);
         }
+        match build(&mut s) {
+            Next::Batch(frames) => Poll::Ready(Some(pb::ConnectRequest { frames })),
+            Next::Idle => {
+                if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    s.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Next::End => {
+                s.ended = true;
+                drop(s);
+                self.0.ended.notify_one();
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl Drop for Batches {
+    fn drop(&mut self) {
+        // The call is gone: nothing queued can leave any more.
+        let mut s = self.0.lock();
+        s.ended = true;
+        s.waker = None;
+        drop(s);
+        self.0.ended.notify_one();
     }
 }
 
