@@ -2,6 +2,8 @@ package tunnel
 
 import (
 	"context"
+	"sync"
+	"sync/atomic"
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
@@ -42,12 +44,41 @@ func (c MetadataCarrier) Keys() []string {
 var tracer = otel.Tracer("github.com/guilhem/operator-plugin-framework/go")
 
 func startSpan(ctx context.Context, method string, kind trace.SpanKind) (context.Context, trace.Span) {
+	return tracer.Start(ctx, method[1:], spanOptions(method, kind)...)
+}
+
+// spanStart caches the start options of each method's spans: building
+// them allocated 5 times per call, a tenth of what a unary call costs the
+// engine when no tracer provider is set. Method names come from the peer
+// on the plugin side, so the cache is bounded; past it, options are built
+// per call.
+var (
+	spanStart       sync.Map // spanKey → []trace.SpanStartOption
+	spanStartCached atomic.Int32
+)
+
+type spanKey struct {
+	method string
+	kind   trace.SpanKind
+}
+
+const maxCachedSpanOptions = 1024
+
+func spanOptions(method string, kind trace.SpanKind) []trace.SpanStartOption {
+	key := spanKey{method, kind}
+	if opts, ok := spanStart.Load(key); ok {
+		return opts.([]trace.SpanStartOption)
+	}
 	svc, m := splitMethod(method)
-	return tracer.Start(ctx, method[1:], trace.WithSpanKind(kind), trace.WithAttributes(
+	opts := []trace.SpanStartOption{trace.WithSpanKind(kind), trace.WithAttributes(
 		attribute.String("rpc.system", "grpc"),
 		attribute.String("rpc.service", svc),
 		attribute.String("rpc.method", m),
-	))
+	)}
+	if spanStartCached.Add(1) <= maxCachedSpanOptions {
+		spanStart.Store(key, opts)
+	}
+	return opts
 }
 
 func endSpan(span trace.Span, st *status.Status) {
