@@ -184,6 +184,11 @@ func (c *Client) dialOptions() []grpc.DialOption {
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(local.MaxBatchSize), grpc.MaxCallSendMsgSize(1<<31-1)),
 		experimental.WithBufferPool(tunnel.BufferPool),
 	}
+	if creds.Info().SecurityProtocol == "tls" {
+		// crypto/tls buffers what it decrypts: gRPC's own 32 KiB read
+		// buffer on top of it would copy every byte once more.
+		opts = append(opts, grpc.WithReadBufferSize(0))
+	}
 	if c.target.Kind == target.DNS {
 		// Each tunnel dials one address; TLS verifies the name dialled.
 		opts = append(opts, grpc.WithAuthority(c.target.Host+":"+c.target.Port))

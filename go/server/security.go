@@ -73,7 +73,11 @@ func WithTLS(certFile, keyFile string) Option {
 			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 				return r.certificate()
 			},
-		})))
+		})),
+			// crypto/tls buffers what it decrypts: gRPC's own read buffer
+			// on top of it copied every byte once more (8-10 % of a TLS
+			// stream's CPU) and pinned 32 KiB to each connection.
+			grpc.ReadBufferSize(0))
 	})
 }
 
