@@ -6,7 +6,7 @@
 //! - the **tunnel task** ([`run`]) reads batches and acts on every frame
 //!   at once: it never waits for a handler (spec §3.4). It also runs the
 //!   heartbeats and the drain;
-//! - the `Connect` call's request stream ([`writer::Batches`]), polled by
+//! - the `Connect` call's request body ([`writer::Batches`]), polled by
 //!   the HTTP/2 connection's body task, turns the queues of the
 //!   [`writer::Outbox`] into batches;
 //! - one **stream task** per call ([`dispatch::serve`]) runs the handler
@@ -33,7 +33,6 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::proto::pluginframework::v1 as pb;
-use crate::proto::pluginframework::v1::plugin_framework_service_client::PluginFrameworkServiceClient;
 use defaults::*;
 use dispatch::{Handler, Opened};
 use frame::{RpcStatus, TunnelError, is_stream_kind, kind_name, status};
@@ -191,7 +190,7 @@ pub(crate) async fn run(a: Attempt, channel: Channel, token: Option<String>, shu
         heartbeat: None,
         ping_nonce: 0,
     };
-    let end = conn.main(channel, token, Batches(outbox), shutdown).await;
+    let end = conn.main(channel, token, Batches::new(outbox), shutdown).await;
     conn.close(&end);
     end
 }
@@ -220,24 +219,28 @@ impl Conn {
         mut shutdown: watch::Receiver<bool>,
     ) -> End {
         let handshake = tokio::time::Instant::from_std(self.a.handshake_deadline);
-        let mut client = PluginFrameworkServiceClient::new(channel)
-            .max_decoding_message_size(self.a.cfg.limits.max_batch_size as usize)
-            .max_encoding_message_size(usize::MAX);
-        let mut req = tonic::Request::new(batches);
+        let mut req = http::Request::new(tonic::body::Body::new(batches));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = http::Uri::from_static(CONNECT_PATH);
+        *req.version_mut() = http::Version::HTTP_2;
+        let h = req.headers_mut();
+        h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+        h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
         if let Some(t) = token {
             match format!("Bearer {t}").parse() {
                 Ok(v) => {
-                    req.metadata_mut().insert("authorization", v);
+                    h.insert(http::header::AUTHORIZATION, v);
                 }
                 Err(_) => return End::Closed("the token is not a valid header value".into()),
             }
         }
+        let max_batch = self.a.cfg.limits.max_batch_size as usize;
         let mut inbound = tokio::select! {
             biased;
             _ = shutdown.wait_for(|s| *s) => return End::Shutdown,
             _ = sleep_until(handshake) => return End::Closed("no answer to Connect within the handshake timeout".into()),
-            r = client.connect(req) => match r {
-                Ok(r) => r.into_inner(),
+            r = connect(channel, req, max_batch) => match r {
+                Ok(r) => r,
                 Err(s) => return End::Closed(format!("Connect failed: {:?} {}", s.code(), s.message())),
             },
         };
@@ -595,6 +598,37 @@ impl Conn {
             e.stop(st);
         }
     }
+}
+
+/// The `Connect` method.
+const CONNECT_PATH: &str = "/pluginframework.v1.PluginFrameworkService/Connect";
+
+/// Starts the `Connect` call with a request body of our own (what tonic's
+/// generated client does, without copying large chunks into the batches'
+/// encoding) and returns its stream of batches.
+async fn connect(
+    mut channel: Channel,
+    req: http::Request<tonic::body::Body>,
+    max_batch: usize,
+) -> Result<tonic::Streaming<pb::ConnectResponse>, tonic::Status> {
+    use tonic::codec::Codec as _;
+    use tower::{Service as _, ServiceExt as _};
+    let resp = channel.ready().await.map_err(|e| tonic::Status::from_error(e.into()))?.call(req).await;
+    let resp = resp.map_err(|e| tonic::Status::from_error(e.into()))?;
+    let status_code = resp.status();
+    // A trailers-only answer: the status is in the headers.
+    let trailers_only = tonic::Status::from_header_map(resp.headers());
+    if let Some(s) = &trailers_only
+        && s.code() != Code::Ok
+    {
+        return Err(s.clone());
+    }
+    let decoder = tonic_prost::ProstCodec::<pb::ConnectRequest, pb::ConnectResponse>::default().decoder();
+    let body = resp.into_body();
+    Ok(match trailers_only {
+        Some(_) => tonic::Streaming::new_empty(decoder, body),
+        None => tonic::Streaming::new_response(decoder, body, status_code, None, Some(max_batch)),
+    })
 }
 
 /// `/service/method`, at least 4 bytes, last `/` neither at 1 nor last.

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::Notify;
 use tonic::Code;
 
@@ -488,23 +488,50 @@ fn take_frame(id: u64, st: &mut OutStream, room: usize) -> Taken {
     Taken::Frame(f, n, st.sendable())
 }
 
-/// The `Connect` call's request stream: each item is a batch of what is
-/// queued, built when gRPC asks for the next one, so that frames queued
-/// meanwhile leave together. It ends once the tunnel closes or, after
-/// `finish_all`, once everything queued has left; that half-closes the
-/// call.
-pub(crate) struct Batches(pub(crate) Arc<Outbox>);
+/// Chunks of at least this many bytes leave as body frames of their own,
+/// not copied into the batch's encoding.
+const UNCOPIED_CHUNK: usize = 16 << 10;
 
-impl tokio_stream::Stream for Batches {
-    type Item = pb::ConnectRequest;
+/// The `Connect` call's request body: each batch of what is queued, as one
+/// gRPC message, built when HTTP/2 asks for more, so that frames queued
+/// meanwhile leave together. Large chunks' data follow the bytes before
+/// them uncopied. It ends once the tunnel closes or, after `finish_all`,
+/// once everything queued has left; that half-closes the call.
+pub(crate) struct Batches {
+    outbox: Arc<Outbox>,
+    /// The rest of the batch being sent.
+    pieces: VecDeque<Bytes>,
+}
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let mut s = self.0.lock();
+impl Batches {
+    pub(crate) fn new(outbox: Arc<Outbox>) -> Self {
+        Self { outbox, pieces: VecDeque::new() }
+    }
+}
+
+impl http_body::Body for Batches {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        if let Some(b) = self.pieces.pop_front() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(b))));
+        }
+        let this = &mut *self;
+        let mut s = this.outbox.lock();
         if s.ended {
             return Poll::Ready(None);
         }
         match build(&mut s) {
-            Next::Batch(frames) => Poll::Ready(Some(pb::ConnectRequest { frames })),
+            Next::Batch(frames) => {
+                drop(s);
+                encode_batch(frames, &mut this.pieces);
+                let b = this.pieces.pop_front().expect("a batch has a prefix");
+                Poll::Ready(Some(Ok(http_body::Frame::data(b))))
+            }
             Next::Idle => {
                 if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     s.waker = Some(cx.waker().clone());
@@ -514,7 +541,7 @@ impl tokio_stream::Stream for Batches {
             Next::End => {
                 s.ended = true;
                 drop(s);
-                self.0.ended.notify_one();
+                this.outbox.ended.notify_one();
                 Poll::Ready(None)
             }
         }
@@ -524,11 +551,63 @@ impl tokio_stream::Stream for Batches {
 impl Drop for Batches {
     fn drop(&mut self) {
         // The call is gone: nothing queued can leave any more.
-        let mut s = self.0.lock();
+        let mut s = self.outbox.lock();
         s.ended = true;
         s.waker = None;
         drop(s);
-        self.0.ended.notify_one();
+        self.outbox.ended.notify_one();
+    }
+}
+
+/// Encodes a batch as a gRPC message (uncompressed): its 5-byte prefix and
+/// the `ConnectRequest`, in pieces, the data of large chunks as they are.
+fn encode_batch(frames: Vec<pb::Frame>, out: &mut VecDeque<Bytes>) {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    let uncopied = |f: &pb::Frame| match &f.kind {
+        Some(Kind::Message(m)) if m.data.len() >= UNCOPIED_CHUNK => m.data.len(),
+        _ => 0,
+    };
+    let total: usize = frames.iter().map(frame_len).sum();
+    let copied = total - frames.iter().map(uncopied).sum::<usize>();
+    let mut buf = BytesMut::with_capacity(5 + copied);
+    buf.put_u8(0);
+    buf.put_u32(total as u32);
+    for f in frames {
+        let pb::Frame { stream_id, kind: Some(Kind::Message(m)) } = f else {
+            prost::encoding::message::encode(1, &f, &mut buf);
+            continue;
+        };
+        if m.data.len() < UNCOPIED_CHUNK {
+            let f = frame::frame(stream_id, Kind::Message(m));
+            prost::encoding::message::encode(1, &f, &mut buf);
+            continue;
+        }
+        // ConnectRequest.frames = 1; Frame.stream_id = 1, Frame.message =
+        // 12; StreamMessage.size = 1, StreamMessage.data = 2.
+        let n = m.data.len();
+        let size_len = if m.size == 0 { 0 } else { 1 + encoded_len_varint(u64::from(m.size)) };
+        let message_len = size_len + 1 + encoded_len_varint(n as u64) + n;
+        let id_len = if stream_id == 0 { 0 } else { 1 + encoded_len_varint(stream_id) };
+        let frame_len = id_len + 1 + encoded_len_varint(message_len as u64) + message_len;
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(frame_len as u64, &mut buf);
+        if stream_id != 0 {
+            encode_key(1, WireType::Varint, &mut buf);
+            encode_varint(stream_id, &mut buf);
+        }
+        encode_key(12, WireType::LengthDelimited, &mut buf);
+        encode_varint(message_len as u64, &mut buf);
+        if m.size != 0 {
+            encode_key(1, WireType::Varint, &mut buf);
+            encode_varint(u64::from(m.size), &mut buf);
+        }
+        encode_key(2, WireType::LengthDelimited, &mut buf);
+        encode_varint(n as u64, &mut buf);
+        out.push_back(buf.split().freeze());
+        out.push_back(m.data);
+    }
+    if !buf.is_empty() {
+        out.push_back(buf.freeze());
     }
 }
 
@@ -640,6 +719,28 @@ mod tests {
         assert_eq!(kinds(&batch(&o)), vec![(1, 15)]);
         assert_eq!(o.queued(1), 0);
         assert!(matches!(o.next_batch(), Next::Idle));
+    }
+
+    #[test]
+    fn batches_encode_as_prost_does_with_large_chunks_uncopied() {
+        let big = Bytes::from(vec![7; UNCOPIED_CHUNK + 3]);
+        let frames = vec![
+            frame::window_update(5, 9),
+            frame::frame(1, Kind::Message(pb::StreamMessage { size: 300, data: Bytes::from(vec![1; 300]) })),
+            frame::frame(3, Kind::Message(pb::StreamMessage { size: 1 << 20, data: big.clone() })),
+            frame::frame(1 << 40, Kind::Message(pb::StreamMessage { size: 0, data: big.clone() })),
+            frame::frame(0, Kind::Pong(pb::Pong { nonce: 3 })),
+            frame::frame(7, Kind::Message(pb::StreamMessage { size: 0, data: Bytes::new() })),
+        ];
+        let want = prost::Message::encode_to_vec(&pb::ConnectRequest { frames: frames.clone() });
+        let mut pieces = VecDeque::new();
+        encode_batch(frames, &mut pieces);
+        assert_eq!(pieces.len(), 5, "prefix and frames, data, frames, data, rest");
+        assert!(pieces.iter().any(|p| p.as_ptr() == big.as_ptr()), "the chunk is not copied");
+        let got: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
+        assert_eq!(got[0], 0);
+        assert_eq!(u32::from_be_bytes(got[1..5].try_into().unwrap()) as usize, want.len());
+        assert_eq!(&got[5..], &want[..]);
     }
 
     #[test]
