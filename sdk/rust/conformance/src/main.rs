@@ -16,15 +16,7 @@ fn number<T: std::str::FromStr>(name: &str) -> Result<Option<T>, String> {
     env(name).map(|v| v.parse().map_err(|_| format!("{name}: {v:?} is not a number"))).transpose()
 }
 
-// One thread, for the tunnel and for the direct server alike (the
-// benchmarks compare the two in this binary, docs/conformance.md). The
-// benchmarks' calls are sequential: on the multi-threaded runtime a
-// tunnelled call's chain of tasks (HTTP/2 connection, tunnel, handler,
-// request body, connection again) is one longer than the three that tokio
-// runs in a row on the same worker, so every call woke the idle worker,
-// which then competed for the HTTP/2 connection's lock; a direct call's
-// chain is short enough not to. Nothing here blocks the thread.
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
