@@ -32,26 +32,77 @@ type replicaSet struct {
 	mu   sync.Mutex
 	ips  []string // what the name resolves to
 	ops  map[string]*operator
+	// lis holds the port on every replica address until a replica takes
+	// it: a port merely seen free on one address was taken on another by
+	// the time a second replica bound it (a flaky "address already in use").
+	lis map[string]net.Listener
 }
+
+// maxReplicas is how many addresses, 127.0.0.2 upwards, a set reserves.
+const maxReplicas = 8
 
 func newReplicaSet(t *testing.T) *replicaSet {
-	return &replicaSet{t: t, port: freePort(t), ops: map[string]*operator{}}
+	for range 20 {
+		if rs := tryReplicaSet(t); rs != nil {
+			return rs
+		}
+	}
+	t.Fatal("no port is free on all the replica addresses")
+	return nil
 }
 
-// freePort returns a port that is free on 127.0.0.1 (and, in practice, on
-// the rest of 127/8).
-func freePort(t *testing.T) int {
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+// tryReplicaSet listens on one port on every replica address, or returns
+// nil when the port is taken on one of them.
+func tryReplicaSet(t *testing.T) *replicaSet {
+	first, err := net.Listen("tcp", "127.0.0.2:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer lis.Close()
-	return lis.Addr().(*net.TCPAddr).Port
+	port := first.Addr().(*net.TCPAddr).Port
+	rs := &replicaSet{t: t, port: port, ops: map[string]*operator{}, lis: map[string]net.Listener{"127.0.0.2": first}}
+	for i := 3; i < 2+maxReplicas; i++ {
+		ip := fmt.Sprintf("127.0.0.%d", i)
+		lis, err := net.Listen("tcp", net.JoinHostPort(ip, fmt.Sprint(port)))
+		if err != nil {
+			rs.closeUnused()
+			return nil
+		}
+		rs.lis[ip] = lis
+	}
+	t.Cleanup(rs.closeUnused)
+	return rs
+}
+
+func (rs *replicaSet) closeUnused() {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	for ip, lis := range rs.lis {
+		lis.Close()
+		delete(rs.lis, ip)
+	}
+}
+
+// take returns the listener of the set's port on ip: the reserved one,
+// or a new one once that was taken and closed.
+func (rs *replicaSet) take(ip string) net.Listener {
+	rs.mu.Lock()
+	lis, ok := rs.lis[ip]
+	delete(rs.lis, ip)
+	rs.mu.Unlock()
+	if ok {
+		return lis
+	}
+	lis, err := net.Listen("tcp", net.JoinHostPort(ip, fmt.Sprint(rs.port)))
+	if err != nil {
+		rs.t.Fatal(err)
+	}
+	return lis
 }
 
 // start runs a replica on ip and adds it to the name's addresses.
 func (rs *replicaSet) start(ip string, opts ...server.Option) *operator {
 	addr := net.JoinHostPort(ip, fmt.Sprint(rs.port))
+	opts = append(opts, server.WithListener(rs.take(ip)))
 	op := startOperatorOn(rs.t, addr, append([]server.Option{server.WithReplica("replica-"+ip, 0)}, opts...)...)
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
@@ -198,7 +249,7 @@ func TestReplicaLossLosesNoCall(t *testing.T) {
 func TestReplicaDuplicateAddress(t *testing.T) {
 	rs := newReplicaSet(t)
 	a := rs.start("127.0.0.2")
-	forward(t, fmt.Sprintf("127.0.0.3:%d", rs.port), []string{a.target})
+	forward(t, rs.take("127.0.0.3"), []string{a.target})
 	rs.mu.Lock()
 	rs.ips = append(rs.ips, "127.0.0.3")
 	rs.mu.Unlock()
@@ -221,7 +272,11 @@ func TestReplicasBehindOneAddress(t *testing.T) {
 		ops = append(ops, op)
 		backends = append(backends, addr.String())
 	}
-	lb := forward(t, "127.0.0.1:0", backends)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb := forward(t, lis, backends)
 	c, err := client.New(context.Background(), "echo", lb, "v1.0.0", &testgrpc.TestService_ServiceDesc, &testService{},
 		client.WithBackoff(fastBackoff))
 	if err != nil {
@@ -245,15 +300,11 @@ func waitRegistrations(t *testing.T, c *client.Client, n int) {
 	}
 }
 
-// forward accepts TCP connections on listen and relays each to the next
+// forward accepts TCP connections on lis and relays each to the next
 // backend in turn, as a load balancer does. It returns the address it
 // listens on.
-func forward(t *testing.T, listen string, backends []string) string {
+func forward(t *testing.T, lis net.Listener, backends []string) string {
 	t.Helper()
-	lis, err := net.Listen("tcp", listen)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var wg sync.WaitGroup
 	var conns sync.Map
 	t.Cleanup(func() {
