@@ -420,31 +420,22 @@ func concurrent(b *testing.B, np NamedPath) {
 
 // serverStream reports the throughput of one stream of 1 MiB messages
 // from the service.
-func serverStream(b *testing.B, np NamedPath) {
-	p := np.Path
-	if err := p.ServerStream(b.Context(), 2, StreamSize); err != nil {
-		b.Fatal(err)
-	}
-	b.SetBytes(StreamSize)
-	w0 := countWrites(np)
-	b.ResetTimer()
-	if err := p.ServerStream(b.Context(), b.N, StreamSize); err != nil {
-		b.Fatal(err)
-	}
-	reportWrites(b, np, w0)
-}
+func serverStream(b *testing.B, np NamedPath) { streamThroughput(b, np, np.Path.ServerStream) }
 
 // clientStream reports the throughput of one stream of 1 MiB messages to
 // the service.
-func clientStream(b *testing.B, np NamedPath) {
-	p := np.Path
-	if err := p.ClientStream(b.Context(), 2, StreamSize); err != nil {
+func clientStream(b *testing.B, np NamedPath) { streamThroughput(b, np, np.Path.ClientStream) }
+
+// streamThroughput times stream (a Path's ServerStream or ClientStream)
+// carrying b.N messages, after a short one that opens the way.
+func streamThroughput(b *testing.B, np NamedPath, stream func(ctx context.Context, n, size int) error) {
+	if err := stream(b.Context(), 2, StreamSize); err != nil {
 		b.Fatal(err)
 	}
 	b.SetBytes(StreamSize)
 	w0 := countWrites(np)
 	b.ResetTimer()
-	if err := p.ClientStream(b.Context(), b.N, StreamSize); err != nil {
+	if err := stream(b.Context(), b.N, StreamSize); err != nil {
 		b.Fatal(err)
 	}
 	reportWrites(b, np, w0)

@@ -75,9 +75,7 @@ func freeBuffer(b mem.Buffer) {
 // about a fifth of the CPU a 1 MiB stream cost; a buffer from this pool
 // holds whatever its previous user left, so code that does not overwrite
 // all of it before reading must not take one.
-var BufferPool mem.BufferPool = dirtyPool
-
-var dirtyPool = newTieredPool(10, 22)
+var BufferPool mem.BufferPool = newTieredPool(10, 22)
 
 // tieredPool keeps free buffers in sync.Pools of capacity 2^lo to 2^hi
 // bytes; larger requests are allocated and dropped.
@@ -92,10 +90,10 @@ func newTieredPool(lo, hi int) *tieredPool {
 
 // tier is the smallest tier whose buffers hold n bytes, or -1.
 func (p *tieredPool) tier(n int) int {
-	t := max(bits.Len(uint(n-1)), p.lo) - p.lo
 	if n <= 0 {
-		t = 0
+		return 0
 	}
+	t := max(bits.Len(uint(n-1)), p.lo) - p.lo
 	if t >= len(p.tiers) {
 		return -1
 	}

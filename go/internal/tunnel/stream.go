@@ -297,8 +297,8 @@ func (s *stream) assembleLocked() (msg []byte, buf mem.Buffer, ok bool, chunks, 
 				return c.data, c.buf, true, chunks, consumed // the common case: no copy
 			}
 			// Every byte is overwritten: a pooled buffer needs no clearing.
-			p := dirtyPool.Get(int(c.size))
-			s.asm, s.asmBuf, s.asmN = *p, mem.NewBuffer(p, dirtyPool), 0
+			p := BufferPool.Get(int(c.size))
+			s.asm, s.asmBuf, s.asmN = *p, mem.NewBuffer(p, BufferPool), 0
 		}
 		s.asmN += copy(s.asm[s.asmN:], c.data)
 		freeBuffer(c.buf)

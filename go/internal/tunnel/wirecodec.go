@@ -138,7 +138,7 @@ func (c wireCodec) Unmarshal(data mem.BufferSlice, v any) error {
 			m.tooLarge = data.Len()
 			return nil
 		}
-		root := data.MaterializeToBuffer(dirtyPool)
+		root := data.MaterializeToBuffer(BufferPool)
 		defer root.Free()
 		fs, err := decodeBatch(root.ReadOnlyData(), root)
 		m.frames = fs
@@ -219,7 +219,7 @@ func decodeBatch(b []byte, root mem.Buffer) (frames []inFrame, err error) {
 				off := cap(whole) - cap(m.Data)
 				in.buf = root.Slice(off, off+len(m.Data))
 			} else {
-				in.buf = mem.Copy(m.Data, dirtyPool)
+				in.buf = mem.Copy(m.Data, BufferPool)
 				m.Data = in.buf.ReadOnlyData()
 			}
 		}
