@@ -83,8 +83,10 @@ struct State {
     ended: bool,
 }
 
-/// Wakes the request stream, with the lock released.
-fn notify(w: Option<Waker>) {
+/// Releases the lock, then wakes the request stream if it is waiting.
+fn wake_body(mut s: MutexGuard<'_, State>) {
+    let w = s.waker.take();
+    drop(s);
     if let Some(w) = w {
         w.wake();
     }
@@ -159,9 +161,7 @@ impl Outbox {
             ));
         }
         s.control.push_back(f);
-        let w = s.waker.take();
-        drop(s);
-        notify(w);
+        wake_body(s);
         Ok(())
     }
 
@@ -173,18 +173,14 @@ impl Outbox {
             return;
         }
         s.control.push_front(f);
-        let w = s.waker.take();
-        drop(s);
-        notify(w);
+        wake_body(s);
     }
 
     /// Queues the answer to a ping; only the latest nonce is kept.
     pub(crate) fn pong(&self, nonce: u64) {
         let mut s = self.lock();
         s.pong = Some(nonce);
-        let w = s.waker.take();
-        drop(s);
-        notify(w);
+        wake_body(s);
     }
 
     /// Starts the send side of a stream; returns what wakes its producer.
@@ -214,9 +210,9 @@ impl Outbox {
         }
         st.items.push_back(item);
         let wake = Self::mark_ready(&mut s, id);
-        let w = if wake { s.waker.take() } else { None };
-        drop(s);
-        notify(w);
+        if wake {
+            wake_body(s);
+        }
         Pushed::Queued
     }
 
@@ -257,9 +253,7 @@ impl Outbox {
         let Some(st) = s.streams.get_mut(&id) else {
             // A stream the writer never saw (refused): the close goes alone.
             s.control.push_back(close);
-            let w = s.waker.take();
-            drop(s);
-            notify(w);
+            wake_body(s);
             return;
         };
         if st.closing {
@@ -273,9 +267,9 @@ impl Outbox {
         st.items.push_back(Item::Close(close));
         st.space.notify_one();
         let wake = Self::mark_ready(&mut s, id);
-        let w = if wake { s.waker.take() } else { None };
-        drop(s);
-        notify(w);
+        if wake {
+            wake_body(s);
+        }
     }
 
     /// Drops the data a stream still has queued, keeping its close: the
@@ -287,9 +281,9 @@ impl Outbox {
         st.queued = 0;
         st.space.notify_one();
         let wake = Self::mark_ready(&mut s, id);
-        let w = if wake { s.waker.take() } else { None };
-        drop(s);
-        notify(w);
+        if wake {
+            wake_body(s);
+        }
     }
 
     /// Adds credit from a `WindowUpdate`. `Err` when it would overflow the
@@ -303,9 +297,9 @@ impl Outbox {
         }
         st.credit = credit;
         let wake = Self::mark_ready(&mut s, id);
-        let w = if wake { s.waker.take() } else { None };
-        drop(s);
-        notify(w);
+        if wake {
+            wake_body(s);
+        }
         Ok(())
     }
 
@@ -325,9 +319,7 @@ impl Outbox {
     pub(crate) fn finish_all(&self) {
         let mut s = self.lock();
         s.finishing = true;
-        let w = s.waker.take();
-        drop(s);
-        notify(w);
+        wake_body(s);
     }
 
     /// Stops at once; queued frames are dropped.
@@ -340,9 +332,7 @@ impl Outbox {
             st.space.notify_one();
         }
         s.streams.clear();
-        let w = s.waker.take();
-        drop(s);
-        notify(w);
+        wake_body(s);
     }
 
     /// Builds the next batch, or says why there is none.
