@@ -1,8 +1,11 @@
 //! TLS and bearer tokens, both read again at every (re)connection.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use tonic::transport::{Certificate, ClientTlsConfig};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{self, RootCertStore};
 
 use crate::Error;
 use crate::target::Target;
@@ -39,17 +42,54 @@ impl Tls {
         self
     }
 
-    /// Reads the CA file and builds the connection's TLS configuration.
-    pub(crate) fn client_config(&self, target: &Target) -> Result<ClientTlsConfig, Error> {
+    /// Reads the CA file and builds the connection's TLS configuration:
+    /// rustls with ring, HTTP/2 by ALPN, and the name to verify.
+    pub(crate) fn client_config(&self, target: &Target) -> Result<TlsConnect, Error> {
         let name = self.server_name.clone().unwrap_or_else(|| target.default_server_name());
-        let cfg = ClientTlsConfig::new().domain_name(name);
-        let Some(path) = &self.ca_file else { return Ok(cfg.with_native_roots()) };
-        let pem = std::fs::read(path).map_err(|e| Error::Tls(format!("read CA bundle {}: {e}", path.display())))?;
-        if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
-            return Err(Error::Tls(format!("CA bundle {} holds no PEM certificate", path.display())));
+        let server_name =
+            ServerName::try_from(name.clone()).map_err(|e| Error::Tls(format!("server name {name:?}: {e}")))?;
+        let mut roots = RootCertStore::empty();
+        match &self.ca_file {
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                if found.certs.is_empty() {
+                    return Err(Error::Tls(format!("no system root certificate found: {:?}", found.errors)));
+                }
+                roots.add_parsable_certificates(found.certs);
+            }
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).map_err(|e| Error::Tls(format!("read CA bundle {}: {e}", path.display())))?;
+                let certs = CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| Error::Tls(format!("CA bundle {}: {e}", path.display())))?;
+                if certs.is_empty() {
+                    return Err(Error::Tls(format!("CA bundle {} holds no PEM certificate", path.display())));
+                }
+                let (_, bad) = roots.add_parsable_certificates(certs);
+                if roots.is_empty() {
+                    return Err(Error::Tls(format!(
+                        "CA bundle {}: none of its {bad} certificates could be used",
+                        path.display()
+                    )));
+                }
+            }
         }
-        Ok(cfg.ca_certificate(Certificate::from_pem(pem)))
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(TlsConnect { config: Arc::new(cfg), server_name })
     }
+}
+
+/// What one connection's TLS handshake needs.
+pub(crate) struct TlsConnect {
+    pub(crate) config: Arc<rustls::ClientConfig>,
+    pub(crate) server_name: ServerName<'static>,
 }
 
 /// Where the bearer token comes from.

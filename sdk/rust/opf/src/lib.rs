@@ -77,6 +77,7 @@
 mod backoff;
 mod call;
 mod credentials;
+mod dial;
 mod error;
 mod plugin;
 mod proto;

@@ -9,18 +9,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::service::Routes;
-use tonic::transport::{Channel, Endpoint};
 use tower::{Layer, Service};
 
 use crate::Error;
 use crate::backoff::Backoff;
 use crate::credentials::{self, SERVICE_ACCOUNT_TOKEN_PATH, Tls, TokenSource};
+use crate::dial::{Dialled, dial};
 use crate::target::{Addr, Target};
 use crate::tunnel::dispatch::{Handler, Svc};
 use crate::tunnel::settings::Limits;
@@ -28,12 +27,10 @@ use crate::tunnel::{self, Attempt, Config, End, Event, Replicas};
 
 /// How often the target is resolved again (the Go default).
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a closed tunnel's connection gets to close cleanly.
+const CONNECTION_CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// Most slots, whatever the addresses and replicas (spec §14.2).
 const MAX_SLOTS: usize = 64;
-/// HTTP/2 windows of the `Connect` connection: above the tunnel's own
-/// windows, so that HTTP/2 never holds a stream back.
-const H2_STREAM_WINDOW: u32 = 16 << 20;
-const H2_CONNECTION_WINDOW: u32 = 32 << 20;
 
 /// A plugin: gRPC services served to an operator through the tunnel.
 ///
@@ -558,9 +555,9 @@ async fn slot(inner: Arc<Inner>, index: usize, mut stop: watch::Receiver<bool>) 
 /// Dials `addr`, then runs the tunnel to its end.
 async fn attempt(inner: Arc<Inner>, id: u64, addr: Addr, events: mpsc::Sender<Event>, mut stop: watch::Receiver<bool>) {
     let deadline = Instant::now() + inner.handshake_timeout;
-    let channel = tokio::select! {
+    let dialled = tokio::select! {
         _ = stop.wait_for(|s| *s) => return,
-        r = tokio::time::timeout_at(deadline.into(), dial(&inner, &addr)) => match r {
+        r = tokio::time::timeout_at(deadline.into(), dial(&inner.target, inner.tls.as_ref(), &addr)) => match r {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::warn!(tunnel = id, "connecting failed: {e}");
@@ -587,60 +584,17 @@ async fn attempt(inner: Arc<Inner>, id: u64, addr: Addr, events: mpsc::Sender<Ev
         events,
         handshake_deadline: deadline,
     };
-    match tunnel::run(a, channel, token, stop).await {
+    let Dialled { h2, mut task } = dialled;
+    match tunnel::run(a, h2, token, stop).await {
         End::Shutdown => tracing::debug!(tunnel = id, "tunnel closed: plugin shutting down"),
         End::Closed(reason) => tracing::warn!(tunnel = id, "tunnel closed: {reason}"),
     }
     inner.set_replica_count(id, None);
-}
-
-/// Opens the HTTP/2 connection of one tunnel, reading the TLS CA again.
-async fn dial(inner: &Inner, addr: &Addr) -> Result<Channel, String> {
-    let tls = inner.tls.as_ref().map(|t| t.client_config(&inner.target)).transpose().map_err(|e| e.to_string())?;
-    let authority = match (addr, &inner.target) {
-        (Addr::Unix(_), _) => "localhost".to_owned(),
-        (Addr::Tcp(_), Target::Host { host, port }) if !host.contains(':') => format!("{host}:{port}"),
-        (Addr::Tcp(sa), _) => sa.to_string(),
-    };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut ep = Endpoint::from_shared(format!("{scheme}://{authority}"))
-        .map_err(|e| format!("bad address {authority}: {}", chain(&e)))?
-        .tcp_nodelay(true)
-        .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW);
-    if let Some(tls) = tls {
-        ep = ep.tls_config(tls).map_err(|e| format!("TLS: {}", chain(&e)))?;
+    // Nothing uses the connection any more: it closes, within a bound
+    // should the operator stop reading.
+    if tokio::time::timeout(CONNECTION_CLOSE_WAIT, &mut task).await.is_err() {
+        task.abort();
     }
-    let r = match addr.clone() {
-        Addr::Unix(path) => {
-            ep.connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-            }))
-            .await
-        }
-        Addr::Tcp(sa) => {
-            ep.connect_with_connector(tower::service_fn(move |_: http::Uri| async move {
-                let s = tokio::net::TcpStream::connect(sa).await?;
-                s.set_nodelay(true)?;
-                Ok::<_, std::io::Error>(TokioIo::new(s))
-            }))
-            .await
-        }
-    };
-    r.map_err(|e| format!("dial {addr:?}: {}", chain(&e)))
-}
-
-/// An error and its sources, for messages that say what went wrong.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

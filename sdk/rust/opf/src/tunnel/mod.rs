@@ -6,12 +6,12 @@
 //! - the **tunnel task** ([`run`]) reads batches and acts on every frame
 //!   at once: it never waits for a handler (spec §3.4). It also runs the
 //!   heartbeats and the drain;
-//! - the `Connect` call's request body ([`writer::Batches`]), polled by
-//!   the HTTP/2 connection's body task, turns the queues of the
-//!   [`writer::Outbox`] into batches;
 //! - one **stream task** per call ([`dispatch::serve`]) runs the handler
 //!   through tonic's routing. Its request body reads from a buffer the
-//!   tunnel task fills, bounded by the stream's flow-control window.
+//!   tunnel task fills, bounded by the stream's flow-control window;
+//! - the **writer task** ([`writer::write`]) sends what the others queued
+//!   when they could not: the tunnel task and the stream tasks hand their
+//!   frames to HTTP/2 themselves, at the end of each poll.
 
 pub(crate) mod defaults;
 pub(crate) mod dispatch;
@@ -30,7 +30,6 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::sleep_until;
 use tokio_stream::StreamExt as _;
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::proto::pluginframework::v1 as pb;
 use defaults::*;
@@ -39,7 +38,7 @@ use frame::{RpcStatus, TunnelError, is_stream_kind, kind_name, status};
 use pb::frame::Kind;
 use settings::Limits;
 use stream::{Phase, StreamEntry};
-use writer::{Batches, Outbox};
+use writer::{Flushed, Outbox};
 
 /// What every tunnel of a plugin registers and uses.
 pub(crate) struct Config {
@@ -161,7 +160,7 @@ pub(crate) struct Attempt {
 }
 
 /// Runs one tunnel to its end.
-pub(crate) async fn run(a: Attempt, channel: Channel, token: Option<String>, shutdown: watch::Receiver<bool>) -> End {
+pub(crate) async fn run(a: Attempt, h2: H2, token: Option<String>, shutdown: watch::Receiver<bool>) -> End {
     let outbox = Outbox::new();
     let hello = pb::Hello {
         min_version: VERSION,
@@ -190,9 +189,17 @@ pub(crate) async fn run(a: Attempt, channel: Channel, token: Option<String>, shu
         heartbeat: None,
         ping_nonce: 0,
     };
-    let end = conn.main(channel, token, Batches::new(outbox), shutdown).await;
+    let end = Flushed::new(outbox.clone(), conn.main(h2, token, shutdown)).await;
     conn.close(&end);
     end
+}
+
+/// The HTTP/2 connection a tunnel runs on.
+pub(crate) struct H2 {
+    pub(crate) send: h2::client::SendRequest<bytes::Bytes>,
+    /// `http` or `https`, and the authority the requests carry.
+    pub(crate) scheme: &'static str,
+    pub(crate) authority: String,
 }
 
 struct Conn {
@@ -211,21 +218,19 @@ struct Conn {
 }
 
 impl Conn {
-    async fn main(
-        &mut self,
-        channel: Channel,
-        token: Option<String>,
-        batches: Batches,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> End {
+    async fn main(&mut self, h2: H2, token: Option<String>, mut shutdown: watch::Receiver<bool>) -> End {
         let handshake = tokio::time::Instant::from_std(self.a.handshake_deadline);
-        let mut req = http::Request::new(tonic::body::Body::new(batches));
+        let uri = format!("{}://{}{CONNECT_PATH}", h2.scheme, h2.authority);
+        let Ok(uri) = http::Uri::try_from(uri) else {
+            return End::Closed(format!("bad authority {:?}", h2.authority));
+        };
+        let mut req = http::Request::new(());
         *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = http::Uri::from_static(CONNECT_PATH);
-        *req.version_mut() = http::Version::HTTP_2;
+        *req.uri_mut() = uri;
         let h = req.headers_mut();
         h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
         h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        h.insert(http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT));
         if let Some(t) = token {
             match format!("Bearer {t}").parse() {
                 Ok(v) => {
@@ -239,7 +244,7 @@ impl Conn {
             biased;
             _ = shutdown.wait_for(|s| *s) => return End::Shutdown,
             _ = sleep_until(handshake) => return End::Closed("no answer to Connect within the handshake timeout".into()),
-            r = connect(channel, req, max_batch) => match r {
+            r = connect(h2.send, req, &self.shared.outbox, max_batch) => match r {
                 Ok(r) => r,
                 Err(s) => return End::Closed(format!("Connect failed: {:?} {}", s.code(), s.message())),
             },
@@ -535,7 +540,7 @@ impl Conn {
         self.shared.lock().insert(id, entry.clone());
         let space = out.open(id);
         let opened = Opened { method: o.method, metadata: md, timeout, received: Instant::now() };
-        tokio::spawn(dispatch::serve(self.shared.clone(), entry, space, opened));
+        tokio::spawn(Flushed::new(out.clone(), dispatch::serve(self.shared.clone(), entry, space, opened)));
         Ok(())
     }
 
@@ -603,18 +608,25 @@ impl Conn {
 /// The `Connect` method.
 const CONNECT_PATH: &str = "/pluginframework.v1.PluginFrameworkService/Connect";
 
-/// Starts the `Connect` call with a request body of our own (what tonic's
-/// generated client does, without copying large chunks into the batches'
-/// encoding) and returns its stream of batches.
+/// Sent with `Connect`, as gRPC clients do.
+const USER_AGENT: &str = concat!("opf-rust/", env!("CARGO_PKG_VERSION"));
+
+/// Starts the `Connect` call, hands its sending half to the outbox (and
+/// starts the writer task, which ends with it), and returns the stream of
+/// batches.
 async fn connect(
-    mut channel: Channel,
-    req: http::Request<tonic::body::Body>,
+    send: h2::client::SendRequest<bytes::Bytes>,
+    req: http::Request<()>,
+    outbox: &Arc<Outbox>,
     max_batch: usize,
 ) -> Result<tonic::Streaming<pb::ConnectResponse>, tonic::Status> {
     use tonic::codec::Codec as _;
-    use tower::{Service as _, ServiceExt as _};
-    let resp = channel.ready().await.map_err(|e| tonic::Status::from_error(e.into()))?.call(req).await;
-    let resp = resp.map_err(|e| tonic::Status::from_error(e.into()))?;
+    let h2_status = |e: h2::Error| tonic::Status::from_error(Box::new(e));
+    let mut send = send.ready().await.map_err(h2_status)?;
+    let (resp, stream) = send.send_request(req, false).map_err(h2_status)?;
+    outbox.attach(stream);
+    tokio::spawn(writer::write(outbox.clone()));
+    let resp = resp.await.map_err(h2_status)?;
     let status_code = resp.status();
     // A trailers-only answer: the status is in the headers.
     let trailers_only = tonic::Status::from_header_map(resp.headers());
@@ -624,11 +636,43 @@ async fn connect(
         return Err(s.clone());
     }
     let decoder = tonic_prost::ProstCodec::<pb::ConnectRequest, pb::ConnectResponse>::default().decoder();
-    let body = resp.into_body();
+    let body = Inbound { recv: resp.into_body(), data_done: false };
     Ok(match trailers_only {
         Some(_) => tonic::Streaming::new_empty(decoder, body),
         None => tonic::Streaming::new_response(decoder, body, status_code, None, Some(max_batch)),
     })
+}
+
+/// The `Connect` call's response as a body tonic decodes; what it yields
+/// is given back to HTTP/2 flow control at once (the tunnel's own flow
+/// control bounds what is buffered).
+struct Inbound {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl http_body::Body for Inbound {
+    type Data = bytes::Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, h2::Error>>> {
+        use std::task::{Poll, ready};
+        let this = self.get_mut();
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        Poll::Ready(ready!(this.recv.poll_trailers(cx)).transpose().map(|r| r.map(http_body::Frame::trailers)))
+    }
 }
 
 /// `/service/method`, at least 4 bytes, last `/` neither at 1 nor last.

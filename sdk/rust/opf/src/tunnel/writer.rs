@@ -1,14 +1,21 @@
-//! The outgoing side of a tunnel: every frame to send is queued here, and
-//! the `Connect` call's request stream ([`Batches`]) turns the queues into
-//! batches as gRPC asks for them, with no task of its own between the
-//! stream tasks and the HTTP/2 connection. Control frames go first;
-//! then streams with something sendable take turns, one frame each, so
-//! that one large message does not hold back the others (spec §3.4). The
-//! outbox owns each stream's send credit (spec §8.1).
+//! The outgoing side of a tunnel: every frame to send is queued here and
+//! leaves in batches, on the `Connect` call's HTTP/2 stream. Control frames
+//! go first; then streams with something sendable take turns, one frame
+//! each, so that one large message does not hold back the others (spec
+//! §3.4). The outbox owns each stream's send credit (spec §8.1).
+//!
+//! Who sends: the task that queued the frames, once its poll ends (the
+//! tunnel task and the stream tasks run under [`Flushed`]), so that a call's
+//! answer reaches the HTTP/2 connection without waking another task on the
+//! way; frames queued anywhere else, and batches that wait for HTTP/2 send
+//! capacity, are sent by the tunnel's writer task ([`write`]).
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -77,19 +84,23 @@ struct State {
     /// Send everything queued, then end.
     finishing: bool,
     closed: bool,
-    /// The request stream, waiting for something to send.
-    waker: Option<Waker>,
-    /// The request stream has ended (or was dropped): nothing more leaves.
+    /// The writer task, once it has run.
+    writer: Option<Waker>,
+    /// The request stream has ended (or is gone): nothing more leaves.
     ended: bool,
 }
 
-/// Releases the lock, then wakes the request stream if it is waiting.
-fn wake_body(mut s: MutexGuard<'_, State>) {
-    let w = s.waker.take();
-    drop(s);
-    if let Some(w) = w {
-        w.wake();
-    }
+/// The sending half of the `Connect` call.
+struct Sink {
+    stream: h2::SendStream<Bytes>,
+    /// The rest of the batch being sent.
+    pieces: VecDeque<Bytes>,
+}
+
+thread_local! {
+    /// The outbox whose frames the task being polled on this thread sends
+    /// at the end of its poll (see [`Flushed`]).
+    static FLUSHING: Cell<*const Outbox> = const { Cell::new(std::ptr::null()) };
 }
 
 /// The queues of one tunnel, shared by the reader, the stream tasks and
@@ -98,6 +109,11 @@ pub(crate) struct Outbox {
     state: Mutex<State>,
     /// Notified when the request stream has ended.
     ended: Notify,
+    /// Held by whoever sends; `None` until the call is open.
+    sink: Mutex<Option<Sink>>,
+    /// Frames were queued, or a sender wanted the sink, since the last
+    /// sender began.
+    pending: AtomicBool,
 }
 
 /// What `push` reports.
@@ -120,11 +136,105 @@ impl Outbox {
                 initial_credit: i64::from(DEFAULT_INITIAL_WINDOW_SIZE),
                 finishing: false,
                 closed: false,
-                waker: None,
+                writer: None,
                 ended: false,
             }),
             ended: Notify::new(),
+            sink: Mutex::new(None),
+            pending: AtomicBool::new(false),
         })
+    }
+
+    /// Releases the lock after queuing: the frames leave at the end of
+    /// this task's poll if it runs under [`Flushed`] for this outbox, else
+    /// the writer task is woken to send them.
+    fn release(&self, s: MutexGuard<'_, State>) {
+        let writer = if FLUSHING.get() == std::ptr::from_ref(self) { None } else { s.writer.clone() };
+        drop(s);
+        self.pending.store(true, Ordering::SeqCst);
+        if let Some(w) = writer {
+            w.wake();
+        }
+    }
+
+    /// Hands the outbox the call's sending half: from here on, batches leave.
+    pub(crate) fn attach(&self, stream: h2::SendStream<Bytes>) {
+        *lock(&self.sink) = Some(Sink { stream, pieces: VecDeque::new() });
+        self.pending.store(true, Ordering::SeqCst);
+    }
+
+    /// Sends what can be sent now, unless another task is sending: that one
+    /// then sends it too.
+    fn flush(&self) {
+        loop {
+            let mut sink = match self.sink.try_lock() {
+                Ok(g) => g,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    self.pending.store(true, Ordering::SeqCst);
+                    return;
+                }
+            };
+            self.pending.store(false, Ordering::SeqCst);
+            self.send(&mut sink);
+            drop(sink);
+            if !self.pending.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    /// Builds batches and gives them to HTTP/2 while it has send capacity;
+    /// when it has none, the writer task is woken once it does.
+    fn send(&self, sink: &mut Option<Sink>) {
+        let Some(sk) = sink else { return };
+        loop {
+            if sk.pieces.is_empty() {
+                let mut s = self.lock();
+                if s.ended {
+                    return;
+                }
+                match build(&mut s) {
+                    Next::Batch(frames) => {
+                        drop(s);
+                        encode_batch(frames, &mut sk.pieces);
+                    }
+                    Next::Idle => return,
+                    Next::End => {
+                        drop(s);
+                        // End of stream: the operator sees the tunnel half-closed.
+                        let _ = sk.stream.send_data(Bytes::new(), true);
+                        return self.end_stream(sink);
+                    }
+                }
+            }
+            // Like hyper's request bodies: a piece may go beyond the
+            // capacity (HTTP/2 holds the rest), the next waits for it.
+            if sk.stream.capacity() == 0 {
+                sk.stream.reserve_capacity(1);
+                if sk.stream.capacity() == 0 {
+                    let Some(w) = self.lock().writer.clone() else { return };
+                    match sk.stream.poll_capacity(&mut Context::from_waker(&w)) {
+                        Poll::Pending => return,
+                        Poll::Ready(Some(Ok(_))) => continue,
+                        Poll::Ready(Some(Err(_)) | None) => return self.end_stream(sink),
+                    }
+                }
+            }
+            let piece = sk.pieces.pop_front().expect("a batch has pieces");
+            if sk.stream.send_data(piece, false).is_err() {
+                // The call is gone: its end reaches the tunnel task as the
+                // end of the response.
+                return self.end_stream(sink);
+            }
+        }
+    }
+
+    /// Nothing more leaves: the sending half is dropped.
+    fn end_stream(&self, sink: &mut Option<Sink>) {
+        *sink = None;
+        self.lock().ended = true;
+        self.ended.notify_one();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -161,7 +271,7 @@ impl Outbox {
             ));
         }
         s.control.push_back(f);
-        wake_body(s);
+        self.release(s);
         Ok(())
     }
 
@@ -173,14 +283,14 @@ impl Outbox {
             return;
         }
         s.control.push_front(f);
-        wake_body(s);
+        self.release(s);
     }
 
     /// Queues the answer to a ping; only the latest nonce is kept.
     pub(crate) fn pong(&self, nonce: u64) {
         let mut s = self.lock();
         s.pong = Some(nonce);
-        wake_body(s);
+        self.release(s);
     }
 
     /// Starts the send side of a stream; returns what wakes its producer.
@@ -211,7 +321,7 @@ impl Outbox {
         st.items.push_back(item);
         let wake = Self::mark_ready(&mut s, id);
         if wake {
-            wake_body(s);
+            self.release(s);
         }
         Pushed::Queued
     }
@@ -253,7 +363,7 @@ impl Outbox {
         let Some(st) = s.streams.get_mut(&id) else {
             // A stream the writer never saw (refused): the close goes alone.
             s.control.push_back(close);
-            wake_body(s);
+            self.release(s);
             return;
         };
         if st.closing {
@@ -268,7 +378,7 @@ impl Outbox {
         st.space.notify_one();
         let wake = Self::mark_ready(&mut s, id);
         if wake {
-            wake_body(s);
+            self.release(s);
         }
     }
 
@@ -282,7 +392,7 @@ impl Outbox {
         st.space.notify_one();
         let wake = Self::mark_ready(&mut s, id);
         if wake {
-            wake_body(s);
+            self.release(s);
         }
     }
 
@@ -298,7 +408,7 @@ impl Outbox {
         st.credit = credit;
         let wake = Self::mark_ready(&mut s, id);
         if wake {
-            wake_body(s);
+            self.release(s);
         }
         Ok(())
     }
@@ -319,7 +429,7 @@ impl Outbox {
     pub(crate) fn finish_all(&self) {
         let mut s = self.lock();
         s.finishing = true;
-        wake_body(s);
+        self.release(s);
     }
 
     /// Stops at once; queued frames are dropped.
@@ -332,7 +442,7 @@ impl Outbox {
             st.space.notify_one();
         }
         s.streams.clear();
-        wake_body(s);
+        self.release(s);
     }
 
     /// Builds the next batch, or says why there is none.
@@ -478,74 +588,66 @@ fn take_frame(id: u64, st: &mut OutStream, room: usize) -> Taken {
     Taken::Frame(f, n, st.sendable())
 }
 
-/// Chunks of at least this many bytes leave as body frames of their own,
-/// not copied into the batch's encoding.
+/// Chunks of at least this many bytes leave as pieces of their own, not
+/// copied into the batch's encoding.
 const UNCOPIED_CHUNK: usize = 16 << 10;
 
-/// The `Connect` call's request body: each batch of what is queued, as one
-/// gRPC message, built when HTTP/2 asks for more, so that frames queued
-/// meanwhile leave together. Large chunks' data follow the bytes before
-/// them uncopied. It ends once the tunnel closes or, after `finish_all`,
-/// once everything queued has left; that half-closes the call.
-pub(crate) struct Batches {
-    outbox: Arc<Outbox>,
-    /// The rest of the batch being sent.
-    pieces: VecDeque<Bytes>,
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Batches {
-    pub(crate) fn new(outbox: Arc<Outbox>) -> Self {
-        Self { outbox, pieces: VecDeque::new() }
-    }
-}
-
-impl http_body::Body for Batches {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
-        if let Some(b) = self.pieces.pop_front() {
-            return Poll::Ready(Some(Ok(http_body::Frame::data(b))));
-        }
-        let this = &mut *self;
-        let mut s = this.outbox.lock();
+/// The tunnel's writer task: sends what was queued outside a [`Flushed`]
+/// task, and what waited for HTTP/2 send capacity. It ends with the
+/// request stream: once the tunnel closes or, after `finish_all`, once
+/// everything queued has left.
+pub(crate) async fn write(outbox: Arc<Outbox>) {
+    std::future::poll_fn(|cx| {
+        let mut s = outbox.lock();
         if s.ended {
-            return Poll::Ready(None);
+            return Poll::Ready(());
         }
-        match build(&mut s) {
-            Next::Batch(frames) => {
-                drop(s);
-                encode_batch(frames, &mut this.pieces);
-                let b = this.pieces.pop_front().expect("a batch has a prefix");
-                Poll::Ready(Some(Ok(http_body::Frame::data(b))))
-            }
-            Next::Idle => {
-                if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    s.waker = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-            Next::End => {
-                s.ended = true;
-                drop(s);
-                this.outbox.ended.notify_one();
-                Poll::Ready(None)
-            }
+        if !s.writer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.writer = Some(cx.waker().clone());
         }
+        drop(s);
+        outbox.flush();
+        if outbox.lock().ended { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await
+}
+
+/// A task that sends what it queued in `outbox` at the end of each of its
+/// polls: the frames of one poll leave together, with no other task woken.
+pub(crate) struct Flushed<F> {
+    outbox: Arc<Outbox>,
+    inner: Pin<Box<F>>,
+}
+
+impl<F> Flushed<F> {
+    pub(crate) fn new(outbox: Arc<Outbox>, inner: F) -> Self {
+        Self { outbox, inner: Box::pin(inner) }
     }
 }
 
-impl Drop for Batches {
-    fn drop(&mut self) {
-        // The call is gone: nothing queued can leave any more.
-        let mut s = self.outbox.lock();
-        s.ended = true;
-        s.waker = None;
-        drop(s);
-        self.outbox.ended.notify_one();
+impl<F: Future> Future for Flushed<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        /// Restores the thread's flushing outbox, even if the poll panics.
+        struct Restore(*const Outbox);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                FLUSHING.set(self.0);
+            }
+        }
+        let this = self.get_mut();
+        let restore = Restore(FLUSHING.replace(Arc::as_ptr(&this.outbox)));
+        let r = this.inner.as_mut().poll(cx);
+        drop(restore);
+        if this.outbox.pending.load(Ordering::SeqCst) {
+            this.outbox.flush();
+        }
+        r
     }
 }
 
@@ -731,6 +833,97 @@ mod tests {
         assert_eq!(got[0], 0);
         assert_eq!(u32::from_be_bytes(got[1..5].try_into().unwrap()) as usize, want.len());
         assert_eq!(&got[5..], &want[..]);
+    }
+
+    /// An h2 server on an in-memory pipe, with a small stream window, and
+    /// the outbox attached to a call on it; returns the server's side of
+    /// the call's request body, and what keeps the call open.
+    async fn attached(window: u32) -> (Arc<Outbox>, h2::RecvStream, impl Sized) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let mut conn =
+                h2::server::Builder::new().initial_window_size(window).handshake::<_, Bytes>(server_io).await.unwrap();
+            let (req, respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            (req.into_body(), respond)
+        });
+        let (send, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let (resp, stream) = send.ready().await.unwrap().send_request(http::Request::new(()), false).unwrap();
+        let o = Outbox::new();
+        o.set_registered(4 << 20);
+        o.attach(stream);
+        tokio::spawn(write(o.clone()));
+        let (body, respond) = server.await.unwrap();
+        (o, body, (resp, respond))
+    }
+
+    /// Reads the request body to its end and decodes its batches.
+    async fn received(mut body: h2::RecvStream) -> Vec<Vec<pb::Frame>> {
+        let mut bytes = BytesMut::new();
+        while let Some(d) = body.data().await {
+            let d = d.unwrap();
+            body.flow_control().release_capacity(d.len()).unwrap();
+            bytes.extend_from_slice(&d);
+        }
+        let mut batches = Vec::new();
+        while !bytes.is_empty() {
+            let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+            let _ = bytes.split_to(5);
+            let b: pb::ConnectRequest = prost::Message::decode(bytes.split_to(len)).unwrap();
+            batches.push(b.frames);
+        }
+        batches
+    }
+
+    #[tokio::test]
+    async fn a_polls_frames_leave_together_and_the_rest_through_the_writer() {
+        let (o, body, _call) = attached(65_535).await;
+        o.open(1);
+        // Queued by a task under `Flushed`: one batch, at the end of its poll.
+        let task = o.clone();
+        Flushed::new(o.clone(), async move {
+            task.message(1, Bytes::from_static(b"answer"));
+            task.finish(1, frame::close(1, frame::status(Code::Ok, ""), vec![]));
+        })
+        .await;
+        assert!(matches!(o.next_batch(), Next::Idle), "the task sent its frames itself, before yielding");
+        // Queued elsewhere: the writer sends it.
+        o.control(frame::window_update(3, 7)).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        o.finish_all();
+        let got = received(body).await;
+        let got: Vec<_> = got.iter().map(|b| kinds(b)).collect();
+        assert_eq!(got, vec![vec![(1, 12), (1, 15)], vec![(3, 16)]]);
+    }
+
+    #[tokio::test]
+    async fn batches_wait_for_http2_capacity_and_arrive_whole() {
+        // A 1 KiB HTTP/2 window against 3 MiB of messages on three streams.
+        let (o, body, _call) = attached(1024).await;
+        o.set_peer_window(MAX_SETTING);
+        let sent: Vec<Bytes> = (0..3u8).map(|i| Bytes::from(vec![i; (1 << 20) + usize::from(i)])).collect();
+        for (i, m) in sent.iter().enumerate() {
+            let id = 2 * i as u64 + 1;
+            o.open(id);
+            o.message(id, m.clone());
+            o.finish(id, frame::close(id, frame::status(Code::Ok, ""), vec![]));
+        }
+        o.finish_all();
+        let mut got: HashMap<u64, BytesMut> = HashMap::new();
+        let mut closed = 0;
+        let batches = tokio::time::timeout(std::time::Duration::from_secs(20), received(body)).await;
+        for f in batches.expect("everything arrives").into_iter().flatten() {
+            match f.kind {
+                Some(Kind::Message(m)) => got.entry(f.stream_id).or_default().extend_from_slice(&m.data),
+                Some(Kind::Close(_)) => closed += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(closed, 3);
+        for (i, m) in sent.iter().enumerate() {
+            assert!(got[&(2 * i as u64 + 1)] == m[..], "stream {} differs", 2 * i + 1);
+        }
     }
 
     #[test]
