@@ -240,6 +240,36 @@ async fn reconnects_after_the_operator_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_leave_no_task_behind() {
+    // Each tunnel runs on tasks of its own (its connection, the tunnel, its
+    // writer): after crashes and drains of the operator, the plugin holds
+    // what it held with one tunnel.
+    let (dir, mut op, plugin, client) = setup().await;
+    drop(client);
+    let alive = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    tokio::time::sleep(SEC).await;
+    let before = alive();
+    for i in 0..6 {
+        if i % 2 == 0 {
+            op.crash().await
+        } else {
+            op.stop().await
+        }
+        op = Operator::start(&dir, "op", None, &[]).await;
+        op.next("registered", 10 * SEC).await.expect("registers again");
+        let mut c = op.client().await;
+        assert_eq!(&c.unary(unary(b"x", None)).await.unwrap().into_inner().payload[..], b"x");
+    }
+    let deadline = Instant::now() + 5 * SEC;
+    while alive() > before && Instant::now() < deadline {
+        tokio::time::sleep(SEC / 10).await;
+    }
+    assert!(alive() <= before, "{} tasks alive after 6 reconnects, {before} before", alive());
+    plugin.shutdown().await;
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_calls_in_flight() {
     let (_dir, mut op, plugin, mut c) = setup().await;
     let call = tokio::spawn(async move {
