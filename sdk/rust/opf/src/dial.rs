@@ -3,7 +3,6 @@
 //! handshake. The tunnel drives the `Connect` call on it itself
 //! (tunnel::writer says why).
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -48,8 +47,8 @@ pub(crate) async fn dial(target: &Target, tls: Option<&Tls>, addr: &Addr) -> Res
         }
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let io: Pin<Box<dyn Io>> = match tls {
-        None => Box::into_pin(io),
+    let io: Box<dyn Io> = match tls {
+        None => io,
         Some(t) => {
             let s = TlsConnector::from(Arc::clone(&t.config))
                 .connect(t.server_name, io)
@@ -58,7 +57,7 @@ pub(crate) async fn dial(target: &Target, tls: Option<&Tls>, addr: &Addr) -> Res
             if s.get_ref().1.alpn_protocol() != Some(b"h2") {
                 return Err(format!("dial {addr:?}: TLS: the operator did not agree to HTTP/2 (ALPN h2)"));
             }
-            Box::pin(s)
+            Box::new(s)
         }
     };
     let (send, conn) = h2::client::Builder::new()

@@ -191,9 +191,6 @@ impl Outbox {
         loop {
             if sk.pieces.is_empty() {
                 let mut s = self.lock();
-                if s.ended {
-                    return;
-                }
                 match build(&mut s) {
                     Next::Batch(frames) => {
                         drop(s);
@@ -238,8 +235,7 @@ impl Outbox {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic never happens while the lock is held; recover anyway.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Applies the peer's window (from its `Hello`) to streams opened later.
@@ -593,6 +589,7 @@ fn take_frame(id: u64, st: &mut OutStream, room: usize) -> Taken {
 const UNCOPIED_CHUNK: usize = 16 << 10;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic never happens while the lock is held; recover anyway.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
