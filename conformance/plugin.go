@@ -72,11 +72,14 @@ func (p *pluginProc) exited() bool {
 	}
 }
 
-// terminate sends SIGTERM to the plugin's process group.
+// terminate sends SIGTERM to the plugin's process group, once, as a kubelet
+// does: a second one could land after the plugin has put back the default
+// action on its way out and kill a plugin that was exiting cleanly.
 func (p *pluginProc) terminate() {
-	if p.termAt.IsZero() {
-		p.termAt = time.Now()
+	if !p.termAt.IsZero() {
+		return
 	}
+	p.termAt = time.Now()
 	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
 }
 

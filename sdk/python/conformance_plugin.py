@@ -397,10 +397,6 @@ def main() -> None:
     )
     direct = os.environ.get("OPF_CONFORMANCE_DIRECT_LISTEN")
     asyncio.run(serve_direct(direct) if direct else serve_tunnel())
-    # The runner signals again while the program exits after its drain. The
-    # interpreter's shutdown resets Python signal handlers to the default
-    # (death by SIGTERM), but keeps SIG_IGN.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
