@@ -91,8 +91,9 @@ func (p *pluginProc) wait(within time.Duration) error {
 	select {
 	case <-p.done:
 	case <-timer.C:
+		p.dump()
 		p.kill()
-		return fmt.Errorf("plugin %d did not exit within %v of SIGTERM (killed)", p.index, within)
+		return fmt.Errorf("plugin %d did not exit within %v of SIGTERM (killed after SIGQUIT: its output shows where it was)", p.index, within)
 	}
 	// Whatever it started goes too.
 	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
@@ -100,6 +101,19 @@ func (p *pluginProc) wait(within time.Duration) error {
 		return fmt.Errorf("plugin %d exited after SIGTERM with %v, want status 0", p.index, p.err)
 	}
 	return nil
+}
+
+// dumpWait is how long a plugin has to print where it is after SIGQUIT.
+const dumpWait = 500 * time.Millisecond
+
+// dump sends SIGQUIT, so that a plugin stuck on its way out says where:
+// a Go program prints its goroutines, the Python one its asyncio tasks.
+func (p *pluginProc) dump() {
+	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGQUIT)
+	select {
+	case <-p.done:
+	case <-time.After(dumpWait):
+	}
 }
 
 func (p *pluginProc) kill() {

@@ -34,3 +34,20 @@ func waitOutput(t *testing.T, p *pluginProc, s string) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestStuckPluginIsAskedWhereItIs: a plugin that outlives the grace period
+// gets SIGQUIT before SIGKILL, and what it prints is in its output.
+func TestStuckPluginIsAskedWhereItIs(t *testing.T) {
+	p, err := startPlugin(0, []string{"sh", "-c", `trap '' TERM; trap 'echo stuck here' QUIT; echo ready; while :; do sleep 0.01; done`}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitOutput(t, p, "ready")
+	p.terminate()
+	if err := p.wait(100 * time.Millisecond); err == nil || !strings.Contains(err.Error(), "did not exit") {
+		t.Fatalf("wait: %v, want a plugin that did not exit", err)
+	}
+	if !strings.Contains(p.output.String(), "stuck here") {
+		t.Fatalf("no answer to SIGQUIT in the output:\n%s", p.output.String())
+	}
+}

@@ -26,6 +26,7 @@ signal.signal(signal.SIGTERM, _early_sigterm)
 
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
+import faulthandler  # noqa: E402
 import hashlib  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -364,7 +365,21 @@ async def serve_direct(address: str) -> None:
     await server.stop(grace=2)
 
 
+def _print_where(loop: asyncio.AbstractEventLoop) -> None:
+    """On SIGQUIT (the runner's, before SIGKILL, to a plugin that does not
+    exit in time) while the loop runs: where every asyncio task and thread
+    is. Before and after the loop, faulthandler prints the threads."""
+    print("--- SIGQUIT: asyncio tasks", file=sys.stderr)
+    for task in asyncio.all_tasks(loop):
+        task.print_stack(file=sys.stderr)
+    print("--- threads", file=sys.stderr)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+
+
 async def serve_tunnel() -> None:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGQUIT, _print_where, loop)
     target = os.environ.get("OPF_CONFORMANCE_TARGET", "")
     name = os.environ.get("OPF_CONFORMANCE_PLUGIN_NAME", "")
     if not target or not name:
@@ -396,7 +411,9 @@ def main() -> None:
         stream=sys.stderr,
     )
     direct = os.environ.get("OPF_CONFORMANCE_DIRECT_LISTEN")
+    faulthandler.register(signal.SIGQUIT, all_threads=True)
     asyncio.run(serve_direct(direct) if direct else serve_tunnel())
+    faulthandler.register(signal.SIGQUIT, all_threads=True)  # the loop put back the default
 
 
 if __name__ == "__main__":
