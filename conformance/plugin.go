@@ -93,7 +93,7 @@ func (p *pluginProc) wait(within time.Duration) error {
 	case <-timer.C:
 		p.dump()
 		p.kill()
-		return fmt.Errorf("plugin %d did not exit within %v of SIGTERM (killed after SIGQUIT: its output shows where it was)", p.index, within)
+		return fmt.Errorf("plugin %d did not exit within %v of SIGTERM (sent SIGQUIT, then killed)", p.index, within)
 	}
 	// Whatever it started goes too.
 	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
